@@ -1,0 +1,1 @@
+"""walship: replicate a write-ahead log through Kafka."""
