@@ -633,11 +633,13 @@ def _format_problems(exc: ValidationError, sources: _Sources) -> list[str]:
     return lines
 
 
-def _load(
+def load_settings_from(
     config_file: Path | None,
     overrides: Mapping[str, Any],
     flag_names: Mapping[str, str],
 ) -> WalshipSettings:
+    """``load_settings`` for the CLI: ``flag_names`` maps dotted settings to the
+    flags that set them, so messages say "from flag --partitions"."""
     path, _ = _resolve_config_file(config_file)
     nested = _nest(overrides)
     token = _config_file.set(path)
@@ -665,7 +667,7 @@ def load_settings(config_file: Path | None = None, **overrides: Any) -> WalshipS
     (``kafka={"bootstrap_servers": "k:9092"}``). ``config_file`` defaults to
     ``WALSHIP_CONFIG``.
     """
-    return _load(config_file, overrides, {})
+    return load_settings_from(config_file, overrides, {})
 
 
 def effective_settings(settings: WalshipSettings) -> dict[str, Any]:
