@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import click
@@ -170,3 +174,98 @@ def test_settings_from_flags(monkeypatch: pytest.MonkeyPatch) -> None:
     assert settings_from(consumer__http_port=8081).consumer.http_port == 8081
     with pytest.raises(TypeError, match="as_json"):
         settings_from(as_json=True)
+
+
+# --- walship devcluster ---------------------------------------------------------
+
+
+def _start_devcluster(*args: str) -> tuple[subprocess.Popen[str], str]:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "walship.shared.cli.main", "devcluster", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={k: v for k, v in os.environ.items() if not k.startswith("WALSHIP_")},
+    )
+    assert proc.stdout is not None
+    line = proc.stdout.readline().strip()
+    if not line:
+        proc.kill()
+        _, err = proc.communicate(timeout=10)
+        pytest.fail(f"devcluster printed no bootstrap servers: {err}")
+    return proc, line
+
+
+async def _roundtrip(bootstrap: str, topic: str) -> tuple[int, list[bytes]]:
+    from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+    from aiokafka.admin import AIOKafkaAdminClient
+
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, enable_idempotence=True, acks="all")
+    await producer.start()
+    try:
+        for i in range(3):
+            await producer.send_and_wait(topic, b"m%d" % i, partition=1)
+    finally:
+        await producer.stop()
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        (described,) = await admin.describe_topics([topic])
+    finally:
+        await admin.close()
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap)
+    await consumer.start()
+    values: list[bytes] = []
+    try:
+        tp = TopicPartition(topic, 1)
+        consumer.assign([tp])
+        await consumer.seek_to_beginning(tp)
+        async with asyncio.timeout(10):
+            while len(values) < 3:
+                got = await consumer.getmany(tp, timeout_ms=1000)
+                values += [m.value for m in got.get(tp, [])]
+    finally:
+        await consumer.stop()
+    return len(described["partitions"]), values
+
+
+@pytest.mark.kafka
+@pytest.mark.parametrize("stop_signal", [signal.SIGTERM, signal.SIGINT])
+async def test_devcluster_serves_kafka_until_signalled(stop_signal: signal.Signals) -> None:
+    proc, bootstrap = _start_devcluster(
+        "--brokers", "2", "--topic", "a", "--topic", "b", "--partitions", "1", "--partitions", "4"
+    )
+    try:
+        servers = bootstrap.split(",")
+        assert len(servers) == 2 and all(s.startswith("127.0.0.1:") for s in servers)
+        count, values = await _roundtrip(bootstrap, "b")
+        assert count == 4 and values == [b"m0", b"m1", b"m2"]
+        proc.send_signal(stop_signal)
+        _, err = proc.communicate(timeout=30)
+        assert proc.returncode == 0, err
+        assert "dev cluster stopped" in err
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_devcluster_rejects_mismatched_partition_counts() -> None:
+    code, _, err = run(
+        "devcluster",
+        "--topic",
+        "a",
+        "--topic",
+        "b",
+        "--topic",
+        "c",
+        "--partitions",
+        "1",
+        "--partitions",
+        "2",
+    )
+    assert code == 2 and "one per --topic" in err
+    code, _, err = run("devcluster", "--topic", "bad topic", "--partitions", "1")
+    assert code == 2 and "--topic" in err
+    code, _, err = run("devcluster", "--brokers", "0")
+    assert code == 2

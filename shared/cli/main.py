@@ -23,6 +23,7 @@ from walship.shared.errors import ConfigError, WalshipError
 # command name -> (module, attribute). Ours are required; the others optional.
 _REQUIRED: dict[str, tuple[str, str]] = {
     "config": ("walship.shared.cli.config_cmd", "config_group"),
+    "devcluster": ("walship.shared.cli.devcluster_cmd", "devcluster_cmd"),
 }
 _OPTIONAL: dict[str, tuple[str, str]] = {
     "producer": ("walship.producer.cli", "producer_group"),
@@ -101,3 +102,7 @@ def main(log_level: str) -> None:
         level=log_level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+
+
+if __name__ == "__main__":
+    main()
