@@ -1,0 +1,250 @@
+"""Pure publishing logic: batching, acknowledgement ordering and backoff (no I/O).
+
+The publisher keeps many sends in flight; Kafka acknowledges them per
+partition, so acknowledgements can complete out of order across partitions.
+:class:`AckTracker` turns that into the one number that matters for the WAL:
+the last sequence below which *everything* was acknowledged, always on a
+transaction boundary (a resend after a crash starts at a transaction).
+"""
+
+from __future__ import annotations
+
+import random
+from collections import deque
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+from walship.shared.model import Transaction
+
+# Per-entry framing estimate (op, two length prefixes) on top of key + value.
+ENTRY_OVERHEAD_BYTES = 8
+
+
+def txn_size_bytes(txn: Transaction) -> int:
+    """Approximate uncompressed size of a transaction in a batch body."""
+    return (
+        sum(len(k) for k in txn.keys)
+        + sum(len(v) for v in txn.values)
+        + ENTRY_OVERHEAD_BYTES * len(txn.keys)
+    )
+
+
+@dataclass
+class PendingBatch:
+    """Whole, dense transactions waiting to be encoded and sent together."""
+
+    txns: list[Transaction] = field(default_factory=list)
+    traceparents: list[str | None] = field(default_factory=list)
+    size_bytes: int = 0
+    started_ms: float = 0.0
+
+    @property
+    def first_seq(self) -> int:
+        return self.txns[0].first_seq
+
+    @property
+    def last_seq(self) -> int:
+        return self.txns[-1].last_seq
+
+    @property
+    def entry_count(self) -> int:
+        return sum(len(t) for t in self.txns)
+
+    @property
+    def traceparent(self) -> str | None:
+        """The trace context the batch's span continues: the first one present."""
+        return next((tp for tp in self.traceparents if tp), None)
+
+
+class BatchAccumulator:
+    """Collects transactions until ``batch_bytes_max`` or ``linger_ms`` is reached.
+
+    A batch holds whole transactions only; one transaction larger than the
+    budget forms a batch alone (the encoder splits it into parts).
+    """
+
+    def __init__(self, *, batch_bytes_max: int, linger_ms: float) -> None:
+        if batch_bytes_max < 1:
+            raise ValueError("batch_bytes_max must be >= 1")
+        if linger_ms < 0:
+            raise ValueError("linger_ms must be >= 0")
+        self.batch_bytes_max = batch_bytes_max
+        self.linger_ms = linger_ms
+        self._pending = PendingBatch()
+        self._next_seq: int | None = None
+
+    @property
+    def empty(self) -> bool:
+        return not self._pending.txns
+
+    @property
+    def size_bytes(self) -> int:
+        return self._pending.size_bytes
+
+    @property
+    def room_bytes(self) -> int:
+        """How many more bytes fit before the batch is full (at least 1)."""
+        return max(1, self.batch_bytes_max - self._pending.size_bytes)
+
+    def fits(self, txn: Transaction) -> bool:
+        """Whether ``txn`` can join the current batch without overflowing it."""
+        return self.empty or self._pending.size_bytes + txn_size_bytes(txn) <= self.batch_bytes_max
+
+    def add(self, txn: Transaction, traceparent: str | None, now_ms: float) -> None:
+        if self._next_seq is not None and txn.first_seq != self._next_seq:
+            raise ValueError(
+                f"transactions must be dense: expected seq {self._next_seq}, got {txn.first_seq}"
+            )
+        if not self.fits(txn):
+            raise ValueError("transaction does not fit; take() the batch first")
+        if self.empty:
+            self._pending.started_ms = now_ms
+        self._pending.txns.append(txn)
+        self._pending.traceparents.append(traceparent)
+        self._pending.size_bytes += txn_size_bytes(txn)
+        self._next_seq = txn.last_seq + 1
+
+    def full(self) -> bool:
+        return self._pending.size_bytes >= self.batch_bytes_max
+
+    def due_ms(self) -> float | None:
+        """When the linger time of the current batch ends (None when empty)."""
+        if self.empty:
+            return None
+        return self._pending.started_ms + self.linger_ms
+
+    def ready(self, now_ms: float) -> bool:
+        due = self.due_ms()
+        return due is not None and (self.full() or now_ms >= due)
+
+    def take(self) -> PendingBatch:
+        batch, self._pending = self._pending, PendingBatch()
+        return batch
+
+    def reset(self, next_seq: int | None = None) -> None:
+        """Drop the pending batch (after a producer restart)."""
+        self._pending = PendingBatch()
+        self._next_seq = next_seq
+
+
+@dataclass
+class _Sent:
+    first_seq: int
+    last_seq: int
+    partition: int
+    ends_txn: bool
+    offset: int | None = None
+
+
+class AckTracker:
+    """Orders out-of-order acknowledgements into a contiguous published prefix.
+
+    Messages are registered in sequence order with :meth:`sent` (dense); each
+    acknowledgement (:meth:`acked`) may arrive in any order. :attr:`acked_seq`
+    only moves over a prefix of acknowledged messages and only to the end of a
+    transaction; :attr:`offsets` then holds, per partition, the offset after
+    the last acknowledged message of that prefix.
+    """
+
+    def __init__(self, acked_seq: int = 0, offsets: Mapping[int, int] | None = None) -> None:
+        self._acked_seq = acked_seq
+        self._offsets: dict[int, int] = dict(offsets or {})
+        self._queue: deque[_Sent] = deque()
+        self._by_first: dict[int, _Sent] = {}
+        self._sent_seq = acked_seq
+
+    @property
+    def acked_seq(self) -> int:
+        return self._acked_seq
+
+    @property
+    def offsets(self) -> dict[int, int]:
+        return dict(self._offsets)
+
+    @property
+    def sent_seq(self) -> int:
+        """The last sequence handed to Kafka (acknowledged or not)."""
+        return self._sent_seq
+
+    @property
+    def in_flight(self) -> int:
+        """Messages registered and not yet part of the published prefix."""
+        return len(self._queue)
+
+    def sent(self, first_seq: int, last_seq: int, partition: int, *, ends_txn: bool) -> None:
+        if first_seq != self._sent_seq + 1:
+            raise ValueError(
+                f"sends must be dense: expected seq {self._sent_seq + 1}, got {first_seq}"
+            )
+        if last_seq < first_seq:
+            raise ValueError(f"empty message {first_seq}..{last_seq}")
+        item = _Sent(first_seq, last_seq, partition, ends_txn)
+        self._queue.append(item)
+        self._by_first[first_seq] = item
+        self._sent_seq = last_seq
+
+    def acked(self, first_seq: int, offset: int) -> bool:
+        """Record Kafka's offset for the message starting at ``first_seq``.
+
+        Returns whether :attr:`acked_seq` moved.
+        """
+        item = self._by_first.get(first_seq)
+        if item is None:
+            raise KeyError(f"no message in flight starts at seq {first_seq}")
+        item.offset = offset
+        return self._advance()
+
+    def _advance(self) -> bool:
+        # The longest acknowledged prefix, cut back to its last transaction end.
+        cut = 0
+        for i, item in enumerate(self._queue):
+            if item.offset is None:
+                break
+            if item.ends_txn:
+                cut = i + 1
+        if cut == 0:
+            return False
+        for _ in range(cut):
+            item = self._queue.popleft()
+            del self._by_first[item.first_seq]
+            assert item.offset is not None
+            self._offsets[item.partition] = max(
+                item.offset + 1, self._offsets.get(item.partition, 0)
+            )
+            self._acked_seq = item.last_seq
+        return True
+
+    def reset(self) -> int:
+        """Forget everything in flight (the producer is gone); return the seq to resend from."""
+        self._queue.clear()
+        self._by_first.clear()
+        self._sent_seq = self._acked_seq
+        return self._acked_seq + 1
+
+
+def message_ends(txns: Sequence[Transaction]) -> frozenset[int]:
+    """The last sequences of ``txns``: a message ending on one ends a transaction."""
+    return frozenset(t.last_seq for t in txns)
+
+
+class Backoff:
+    """Exponential backoff with jitter (50-100% of the step), capped; :meth:`reset` after a success."""
+
+    def __init__(
+        self, *, base_ms: float = 100, max_ms: float = 10_000, rng: random.Random | None = None
+    ) -> None:
+        if base_ms <= 0 or max_ms < base_ms:
+            raise ValueError("need 0 < base_ms <= max_ms")
+        self.base_ms = base_ms
+        self.max_ms = max_ms
+        self.attempts = 0
+        self._rng = rng or random.Random()
+
+    def next_delay_s(self) -> float:
+        ceiling = min(self.max_ms, self.base_ms * (2.0**self.attempts))
+        self.attempts += 1
+        # Never below half the ceiling, so a retry storm still spreads out.
+        return (ceiling / 2 + self._rng.random() * ceiling / 2) / 1000
+
+    def reset(self) -> None:
+        self.attempts = 0
