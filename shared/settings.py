@@ -351,7 +351,7 @@ class ConsumerSettings(BaseModel):
 
     reader_id: str = Field(
         default_factory=_default_reader_id,
-        description="This reader's id; its consumer group is walship.<topic>.<reader_id>.",
+        description="This reader's id; its consumer group is `walship.<topic>.<reader_id>`.",
         json_schema_extra={"default_doc": "host name"},
     )
     replica_synchronous: Literal["off", "normal", "full"] = Field(

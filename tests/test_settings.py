@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ssl
 from pathlib import Path
+from typing import Any
 
 import pytest
 from walship.shared.errors import ConfigError
@@ -13,6 +14,7 @@ from walship.shared.settings import (
     WalshipSettings,
     check_topic_name,
     env_var_name,
+    iter_fields,
     load_settings,
     load_settings_from,
     parse_bootstrap_servers,
@@ -292,3 +294,40 @@ def test_unparsable_env_is_a_config_error(monkeypatch: pytest.MonkeyPatch) -> No
     monkeypatch.setenv("WALSHIP_KAFKA", "{not json")
     with pytest.raises(ConfigError, match="invalid settings"):
         load_settings()
+
+
+def _generator() -> Any:
+    import importlib.util
+
+    path = Path(__file__).resolve().parent.parent / "scripts" / "gen_config_reference.py"
+    spec = importlib.util.spec_from_file_location("gen_config_reference", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_readme_config_reference_is_current() -> None:
+    gen = _generator()
+    readme = Path(__file__).resolve().parent.parent / "README.md"
+    text = readme.read_text()
+    start = text.index(gen.START) + len(gen.START) + 1
+    end = text.index(gen.END)
+    assert text[start:end] == gen.render(), (
+        "README.md's configuration reference is stale: run python scripts/gen_config_reference.py"
+    )
+
+
+def test_reference_lists_every_setting_once() -> None:
+    table: str = _generator().render()
+    rows = [line for line in table.splitlines() if line.startswith("| `")]
+    names = [row.split("`")[1] for row in rows]
+    assert len(names) == len(set(names)) == len(list(iter_fields()))
+    assert (
+        "| `kafka.sasl_password` | `WALSHIP_KAFKA__SASL_PASSWORD` | secret string or unset |"
+        in table
+    )
+    assert (
+        "| `producer.fsync` | `WALSHIP_PRODUCER__FSYNC` | `always` \\| `batch` \\| `interval` | `batch` |"
+        in table
+    )
