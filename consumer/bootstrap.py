@@ -475,40 +475,58 @@ class Bootstrapper:
             )
 
     def _swap(self) -> None:
-        """Fresh file over the replica, crash-safe (see the module docstring)."""
-        fresh = self.fresh_path
+        swap_database(
+            self.fresh_path,
+            self.replica_path,
+            before=self._before_swap,
+            after=self._after_swap,
+            progress_path=self.progress_path,
+        )
+
+
+def swap_database(
+    fresh: Path,
+    target: Path,
+    *,
+    before: Callable[[], None] | None = None,
+    after: Callable[[], None] | None = None,
+    progress_path: Path | None = None,
+) -> None:
+    """Rename the SQLite file ``fresh`` over ``target``, crash-safe.
+
+    The fresh file's WAL is folded in and it is switched to rollback-journal
+    mode, so one file holds everything; the target's stale ``-wal``/``-shm``
+    are removed first, because SQLite would replay an old WAL into the new
+    file. ``before`` closes whatever has ``target`` open; ``after`` reopens it.
+    """
+    try:
+        conn = sqlite3.connect(fresh, isolation_level=None)
         try:
-            # Fold the fresh file's WAL into it: only the main file is renamed.
-            conn = sqlite3.connect(fresh, isolation_level=None)
-            try:
-                conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-                conn.execute("PRAGMA journal_mode=DELETE")
-            finally:
-                conn.close()
-        except sqlite3.Error as exc:
-            raise ReplicaError(
-                f"finishing the bootstrap file failed: {exc}", path=str(fresh)
-            ) from exc
+            conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            conn.execute("PRAGMA journal_mode=DELETE")
+        finally:
+            conn.close()
+    except sqlite3.Error as exc:
+        raise ReplicaError(f"finishing the new database failed: {exc}", path=str(fresh)) from exc
+    try:
+        fd = os.open(fresh, os.O_RDONLY)
         try:
-            fd = os.open(fresh, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            if self._before_swap is not None:
-                self._before_swap()
-            # A stale -wal of the old replica would be replayed into the new file.
-            for stale in (_sidecar(self.replica_path, "-wal"), _sidecar(self.replica_path, "-shm")):
-                with contextlib.suppress(FileNotFoundError):
-                    stale.unlink()
-            os.replace(fresh, self.replica_path)
-            _fsync_dir(self.replica_path.parent)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        if before is not None:
+            before()
+        for stale in (_sidecar(target, "-wal"), _sidecar(target, "-shm")):
             with contextlib.suppress(FileNotFoundError):
-                self.progress_path.unlink()
-        except OSError as exc:
-            raise SnapshotError(
-                f"swapping in the bootstrapped replica failed: {exc.strerror or exc}",
-                path=str(self.replica_path),
-            ) from exc
-        if self._after_swap is not None:
-            self._after_swap()
+                stale.unlink()
+        os.replace(fresh, target)
+        _fsync_dir(target.parent)
+        if progress_path is not None:
+            with contextlib.suppress(FileNotFoundError):
+                progress_path.unlink()
+    except OSError as exc:
+        raise SnapshotError(
+            f"swapping in the new database failed: {exc.strerror or exc}", path=str(target)
+        ) from exc
+    if after is not None:
+        after()
