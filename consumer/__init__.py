@@ -1,1 +1,5 @@
 """walship: replicate a write-ahead log through Kafka."""
+
+from walship.consumer.replica import Replica
+
+__all__ = ["Replica"]

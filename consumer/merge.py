@@ -166,6 +166,13 @@ class SequenceMerger:
     def earliest_buffered_seq(self) -> int | None:
         return self._heap[0][0] if self._heap else None
 
+    def earliest_buffered_timestamp_us(self) -> int | None:
+        """Commit timestamp of the oldest buffered transaction (for lag in seconds)."""
+        if not self._heap:
+            return None
+        stamps = self._heap[0][2].batch.txn_timestamps_us
+        return stamps[0] if stamps else None
+
     def waiting_for(self) -> int | None:
         """The sequence needed next when data is buffered beyond a gap, else None."""
         if self._heap and self._heap[0][0] > self._applied + 1:

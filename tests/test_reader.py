@@ -1,0 +1,324 @@
+"""The reader against a Kafka-protocol cluster: ordered apply, resume, duplicates, parts."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import pytest
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from walship.consumer import Replica
+from walship.consumer.applier import DictApplier, SqliteApplier
+from walship.consumer.reader import BootstrapHook, Reader, group_id_for
+from walship.shared.codec import Encoder, partition_for
+from walship.shared.model import Batch, Op, Transaction, WriterId
+from walship.shared.store import Digest, ReplicaStore
+
+pytestmark = pytest.mark.kafka
+
+
+def new_writer(epoch: int = 1, stream_id: bytes | None = None) -> WriterId:
+    return WriterId(stream_id or os.urandom(16), epoch)
+
+
+def make_txns(
+    first_seq: int, count: int, *, seed: int = 0, keys: int = 200, value_bytes: int = 40
+) -> list[Transaction]:
+    """``count`` transactions of 1-5 entries from ``first_seq``: puts, overwrites, deletes."""
+    rng = random.Random(seed * 1_000_003 + first_seq)
+    txns = []
+    seq = first_seq
+    for _ in range(count):
+        kvs = []
+        for _ in range(rng.randint(1, 5)):
+            key = b"key-%05d" % rng.randrange(keys)
+            if rng.random() < 0.1:
+                kvs.append((Op.DELETE, key, b""))
+            else:
+                kvs.append((Op.PUT, key, rng.randbytes(value_bytes)))
+        txns.append(Transaction.of(seq, kvs, timestamp_us=1_700_000_000_000_000 + seq))
+        seq += len(kvs)
+    return txns
+
+
+def reference_digest(path: Path, writer: WriterId, txns: Sequence[Transaction]) -> Digest:
+    """The writer's state after ``txns``, computed by applying them to a fresh store."""
+    with ReplicaStore(path) as store:
+        store.apply([Batch.from_transactions(writer, txns)], writer=writer)
+        return store.digest()
+
+
+async def publish(
+    bootstrap: str,
+    topic: str,
+    partitions: int,
+    writer: WriterId,
+    txns: Sequence[Transaction],
+    *,
+    message_bytes_max: int = 4096,
+    partition_of: Callable[[int], int] | None = None,
+    traceparent: str | None = None,
+) -> list[tuple[int, int]]:
+    """Publish like the publisher does (key = first seq, partition from the routing seq)."""
+    encoder = Encoder(writer, message_bytes_max=message_bytes_max)
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, enable_idempotence=True, acks="all")
+    await producer.start()
+    placed = []
+    try:
+        futures = []
+        for m in encoder.encode(txns):
+            p = (
+                partition_of(m.routing_seq)
+                if partition_of
+                else partition_for(m.routing_seq, partitions)
+            )
+            headers = [("traceparent", traceparent.encode())] if traceparent else None
+            futures.append(
+                await producer.send(topic, m.value, key=m.key, partition=p, headers=headers)
+            )
+        for fut in futures:
+            md = await fut
+            placed.append((md.partition, md.offset))
+    finally:
+        await producer.stop()
+    return placed
+
+
+async def end_offsets(bootstrap: str, topic: str, partitions: int) -> dict[int, int]:
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap)
+    await consumer.start()
+    try:
+        tps = [TopicPartition(topic, p) for p in range(partitions)]
+        return {tp.partition: o for tp, o in (await consumer.end_offsets(tps)).items()}
+    finally:
+        await consumer.stop()
+
+
+async def committed_offsets(
+    bootstrap: str, topic: str, reader_id: str, partitions: int
+) -> dict[int, int | None]:
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=bootstrap,
+        group_id=group_id_for(topic, reader_id),
+        enable_auto_commit=False,
+    )
+    await consumer.start()
+    try:
+        return {p: await consumer.committed(TopicPartition(topic, p)) for p in range(partitions)}
+    finally:
+        await consumer.stop()
+
+
+def make_reader(
+    path: Path,
+    servers: str,
+    topic: str,
+    reader_id: str = "r1",
+    *,
+    gap_timeout_ms: int = 2000,
+    bootstrap: BootstrapHook | None = None,
+) -> Reader:
+    return Reader(
+        SqliteApplier(path),
+        topic=topic,
+        reader_id=reader_id,
+        client_kwargs={"bootstrap_servers": servers},
+        gap_timeout_ms=gap_timeout_ms,
+        bootstrap=bootstrap,
+    )
+
+
+async def run_until(reader: Reader, seq: int, timeout_s: float = 60) -> None:
+    await asyncio.wait_for(reader.run(until_seq=seq), timeout_s)
+
+
+def digest_of(path: Path) -> Digest:
+    with ReplicaStore(path) as store:
+        return store.digest()
+
+
+async def test_reader_applies_everything_and_acks(
+    kafka_bootstrap: str, new_topic: Callable[..., str], tmp_path: Path
+) -> None:
+    topic = new_topic(3)
+    writer = new_writer()
+    txns = make_txns(1, 400)
+    last = txns[-1].last_seq
+    await publish(kafka_bootstrap, topic, 3, writer, txns)
+    reader = make_reader(tmp_path / "r.db", kafka_bootstrap, topic)
+    async with reader:
+        await run_until(reader, last)
+        assert reader.healthy() == (True, "ok")
+        assert reader.ready(0) == (True, "ok")
+        st = reader.status()
+        assert st.applied_seq == last and st.lag_seqs == 0
+    assert digest_of(tmp_path / "r.db") == reference_digest(tmp_path / "ref.db", writer, txns)
+    ends = await end_offsets(kafka_bootstrap, topic, 3)
+    with ReplicaStore(tmp_path / "r.db") as store:
+        cp = store.checkpoint()
+    assert cp.writer == writer
+    assert {p: o for p, o in cp.offsets.items() if ends[p]} == {p: o for p, o in ends.items() if o}
+    assert await committed_offsets(kafka_bootstrap, topic, "r1", 3) == {
+        p: (o if o else None) for p, o in ends.items()
+    }
+
+
+async def test_two_readers_started_at_different_times(
+    kafka_bootstrap: str, new_topic: Callable[..., str], tmp_path: Path
+) -> None:
+    topic = new_topic(4)
+    writer = new_writer()
+    first = make_txns(1, 200, seed=1)
+    second = make_txns(first[-1].last_seq + 1, 300, seed=2)
+    last = second[-1].last_seq
+    await publish(kafka_bootstrap, topic, 4, writer, first)
+    early = make_reader(tmp_path / "a.db", kafka_bootstrap, topic, "early")
+    async with early:
+        task = asyncio.create_task(early.run(until_seq=last))
+        await publish(kafka_bootstrap, topic, 4, writer, second)
+        late = make_reader(tmp_path / "b.db", kafka_bootstrap, topic, "late")
+        async with late:
+            await run_until(late, last)
+        await asyncio.wait_for(task, 60)
+    expected = reference_digest(tmp_path / "ref.db", writer, first + second)
+    assert digest_of(tmp_path / "a.db") == expected
+    assert digest_of(tmp_path / "b.db") == expected
+
+
+async def test_resume_from_the_local_checkpoint_not_kafka(
+    kafka_bootstrap: str, new_topic: Callable[..., str], tmp_path: Path
+) -> None:
+    topic = new_topic(2)
+    writer = new_writer()
+    txns = make_txns(1, 300, seed=3)
+    await publish(kafka_bootstrap, topic, 2, writer, txns)
+    mid = txns[150].last_seq
+    reader = make_reader(tmp_path / "r.db", kafka_bootstrap, topic)
+    async with reader:
+        await run_until(reader, mid)
+    # Kafka's committed offsets claim everything is done; the replica knows better.
+    ends = await end_offsets(kafka_bootstrap, topic, 2)
+    bogus = AIOKafkaConsumer(
+        bootstrap_servers=kafka_bootstrap,
+        group_id=group_id_for(topic, "r1"),
+        enable_auto_commit=False,
+    )
+    await bogus.start()
+    tps = [TopicPartition(topic, p) for p in range(2)]
+    bogus.assign(tps)
+    await bogus.commit({tp: ends[tp.partition] for tp in tps})
+    await bogus.stop()
+    reader = make_reader(tmp_path / "r.db", kafka_bootstrap, topic)
+    async with reader:
+        assert reader.applied_seq >= mid
+        await run_until(reader, txns[-1].last_seq)
+    assert digest_of(tmp_path / "r.db") == reference_digest(tmp_path / "ref.db", writer, txns)
+
+
+async def test_until_caught_up(
+    kafka_bootstrap: str, new_topic: Callable[..., str], tmp_path: Path
+) -> None:
+    topic = new_topic(3)
+    writer = new_writer()
+    txns = make_txns(1, 120, seed=4)
+    await publish(kafka_bootstrap, topic, 3, writer, txns)
+    reader = make_reader(tmp_path / "r.db", kafka_bootstrap, topic)
+    async with reader:
+        assert await reader.last_topic_seq() == txns[-1].last_seq
+        await asyncio.wait_for(reader.run(until_caught_up=True), 60)
+        assert reader.applied_seq == txns[-1].last_seq
+
+
+async def test_duplicated_and_reordered_deliveries_change_nothing(
+    kafka_bootstrap: str, new_topic: Callable[..., str], tmp_path: Path
+) -> None:
+    topic = new_topic(3)
+    writer = new_writer()
+    txns = make_txns(1, 300, seed=5)
+    last = txns[-1].last_seq
+    # Later sequences first, on "wrong" partitions; then everything again, cut differently
+    # by a restarted writer (higher epoch), then old batches once more on other partitions.
+    await publish(kafka_bootstrap, topic, 3, writer, txns[150:], partition_of=lambda s: s % 3)
+    await publish(kafka_bootstrap, topic, 3, writer, txns[:200], message_bytes_max=2048)
+    restarted = WriterId(writer.stream_id, 2)
+    await publish(kafka_bootstrap, topic, 3, restarted, txns[100:], message_bytes_max=8192)
+    await publish(kafka_bootstrap, topic, 3, writer, txns[:50], partition_of=lambda s: 2)
+    reader = make_reader(tmp_path / "r.db", kafka_bootstrap, topic)
+    async with reader:
+        await run_until(reader, last)
+        await asyncio.wait_for(reader.run(until_caught_up=True), 60)
+        assert reader.status().duplicates > 0
+    assert digest_of(tmp_path / "r.db") == reference_digest(tmp_path / "ref.db", writer, txns)
+
+
+async def test_transactions_split_into_parts(
+    kafka_bootstrap: str, new_topic: Callable[..., str], tmp_path: Path
+) -> None:
+    topic = new_topic(3)
+    writer = new_writer()
+    small = make_txns(1, 20, seed=6)
+    seq = small[-1].last_seq + 1
+    big = Transaction.of(
+        seq, [(Op.PUT, b"big-%04d" % i, os.urandom(100)) for i in range(200)], timestamp_us=7
+    )
+    tail = make_txns(big.last_seq + 1, 20, seed=7)
+    txns = [*small, big, *tail]
+    placed = await publish(kafka_bootstrap, topic, 3, writer, txns, message_bytes_max=4096)
+    assert len(placed) > len(txns) // 10  # the big one went out in several parts
+    reader = make_reader(tmp_path / "r.db", kafka_bootstrap, topic)
+    async with reader:
+        await run_until(reader, tail[-1].last_seq)
+    assert digest_of(tmp_path / "r.db") == reference_digest(tmp_path / "ref.db", writer, txns)
+
+
+async def test_dict_applier_and_small_groups(
+    kafka_bootstrap: str, new_topic: Callable[..., str], tmp_path: Path
+) -> None:
+    topic = new_topic(2)
+    writer = new_writer()
+    txns = make_txns(1, 100, seed=8)
+    await publish(kafka_bootstrap, topic, 2, writer, txns)
+    applier = DictApplier()
+    reader = Reader(
+        applier,
+        topic=topic,
+        reader_id="dict",
+        client_kwargs={"bootstrap_servers": kafka_bootstrap},
+        apply_entries_max=7,
+        partition_buffer_bytes_max=1,  # pauses constantly: must still make progress
+    )
+    async with reader:
+        await asyncio.wait_for(reader.run(until_seq=txns[-1].last_seq), 60)
+    assert applier.digest() == reference_digest(tmp_path / "ref.db", writer, txns)
+
+
+async def test_replica_read_api_while_reading(
+    kafka_bootstrap: str, new_topic: Callable[..., str], tmp_path: Path
+) -> None:
+    topic = new_topic(2)
+    writer = new_writer()
+    txns = make_txns(1, 50, seed=9, keys=20)
+    await publish(kafka_bootstrap, topic, 2, writer, txns)
+    path = tmp_path / "r.db"
+    reader = make_reader(path, kafka_bootstrap, topic)
+    async with reader:
+        await run_until(reader, txns[-1].last_seq)
+        with Replica(path) as replica:
+            assert replica.applied_seq == txns[-1].last_seq
+            with ReplicaStore(tmp_path / "ref.db") as ref:
+                ref.apply([Batch.from_transactions(writer, txns)])
+                expected = dict(ref.scan())
+            assert dict(replica.scan()) == expected
+            assert dict(replica.scan(b"key-0001")) == {
+                k: v for k, v in expected.items() if k.startswith(b"key-0001")
+            }
+            some = next(iter(expected))
+            assert replica.get(some) == expected[some]
+            assert replica.get(b"absent") is None
+            more = make_txns(txns[-1].last_seq + 1, 10, seed=10, keys=20)
+            await publish(kafka_bootstrap, topic, 2, writer, more)
+            await run_until(reader, more[-1].last_seq)
+            assert replica.applied_seq == more[-1].last_seq
