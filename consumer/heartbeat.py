@@ -24,7 +24,7 @@ from typing import Any
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.errors import KafkaError
 from walship.consumer.reader import ReaderStatus
-from walship.shared.errors import KafkaOperationError, WalshipError
+from walship.shared.errors import KafkaOperationError, TopicMismatchError, WalshipError
 from walship.shared.kafka import describe_topic, ensure_topic, translate_kafka_error
 
 log = logging.getLogger(__name__)
@@ -60,6 +60,7 @@ class Heartbeat:
     ts: float  # seconds since the epoch, when it was sent
     interval_s: float = HEARTBEAT_INTERVAL_MS_DEFAULT / 1000
     offsets: dict[int, int] = field(default_factory=dict)  # next offsets (from the checkpoint)
+    running: bool = True  # False in the last heartbeat a reader sends when it stops
 
     def to_json(self) -> bytes:
         doc = asdict(self)
@@ -83,6 +84,7 @@ class Heartbeat:
                 ts=float(doc["ts"]),
                 interval_s=float(doc.get("interval_s", HEARTBEAT_INTERVAL_MS_DEFAULT / 1000)),
                 offsets={int(p): int(o) for p, o in dict(doc.get("offsets") or {}).items()},
+                running=bool(doc.get("running", True)),
             )
         except (KeyError, TypeError, ValueError, json.JSONDecodeError) as exc:
             raise ValueError(f"not a heartbeat: {exc}") from exc
@@ -95,6 +97,7 @@ class Heartbeat:
         interval_s: float,
         offsets: Mapping[int, int] | None = None,
         now: float | None = None,
+        running: bool = True,
     ) -> Heartbeat:
         return cls(
             reader_id=status.reader_id,
@@ -108,17 +111,27 @@ class Heartbeat:
             ts=time.time() if now is None else now,
             interval_s=interval_s,
             offsets=dict(offsets or {}),
+            running=running,
         )
 
 
 async def ensure_readers_topic(client_kwargs: Mapping[str, Any], topic: str) -> None:
     """Create ``<topic>.readers`` where the cluster allows it (compacted: latest per reader).
 
-    Clusters without CreateTopics (the embedded one) or too few brokers for a
-    replication factor of 3 fall back to smaller factors, then to the broker's
-    auto-creation on first produce.
+    Any partition count will do (status reads them all). Clusters without
+    CreateTopics (the embedded one) or with too few brokers for a replication
+    factor of 3 fall back to 1, then to the broker's auto-creation on produce.
     """
     name = readers_topic(topic)
+    try:
+        await describe_topic(client_kwargs, name)
+        return
+    except KafkaOperationError:
+        pass  # missing: create it
+    except WalshipError as exc:
+        log.warning("cannot check the heartbeat topic %s: %s", name, exc)
+        return
+    reason: WalshipError | None = None
     for replication_factor in (3, 1):
         try:
             await ensure_topic(
@@ -130,12 +143,11 @@ async def ensure_readers_topic(client_kwargs: Mapping[str, Any], topic: str) -> 
                 configs={"cleanup.policy": "compact"},
             )
             return
-        except KafkaOperationError as exc:
-            last = exc
+        except TopicMismatchError:
+            return  # it appeared meanwhile, with another count: fine for heartbeats
         except WalshipError as exc:
-            log.warning("cannot check the heartbeat topic %s: %s", name, exc)
-            return
-    log.info("heartbeat topic %s not created (%s); relying on auto-creation", name, last)
+            reason = exc
+    log.info("heartbeat topic %s not created (%s); relying on auto-creation", name, reason)
 
 
 class HeartbeatPublisher:
@@ -186,7 +198,7 @@ class HeartbeatPublisher:
         producer = self._producer
         if producer is None:
             return
-        await self.publish_now()
+        await self.publish_now(running=False)
         self._producer = None
         await producer.stop()
 
@@ -199,7 +211,7 @@ class HeartbeatPublisher:
     ) -> None:
         await self.stop()
 
-    async def publish_now(self) -> None:
+    async def publish_now(self, *, running: bool = True) -> None:
         producer = self._producer
         if producer is None:
             return
@@ -208,6 +220,7 @@ class HeartbeatPublisher:
             status,
             interval_s=self._interval_s,
             offsets=self._offsets() if self._offsets is not None else None,
+            running=running,
         )
         try:
             await producer.send_and_wait(self.topic, beat.to_json(), key=status.reader_id.encode())
@@ -285,6 +298,7 @@ class ReaderRow:
     reader_id: str
     host: str
     version: str
+    running: bool
     applied_seq: int
     lag_seqs: int
     lag_s: float
@@ -311,7 +325,9 @@ def assess(heartbeats: Mapping[str, Heartbeat], state: TopicState, now: float) -
         warnings: list[str] = []
         if not beat.healthy:
             warnings.append(f"unhealthy: {beat.error or 'no reason given'}")
-        if age > STALE_INTERVALS * beat.interval_s:
+        if not beat.running:
+            warnings.append(f"stopped {age:.0f}s ago")
+        elif age > STALE_INTERVALS * beat.interval_s:
             warnings.append(f"stalled: last heartbeat {age:.0f}s ago")
         for p, next_offset in sorted(beat.offsets.items()):
             start = state.log_start_offsets.get(p, 0)
@@ -335,6 +351,7 @@ def assess(heartbeats: Mapping[str, Heartbeat], state: TopicState, now: float) -
                 reader_id=reader_id,
                 host=beat.host,
                 version=beat.version,
+                running=beat.running,
                 applied_seq=beat.applied_seq,
                 lag_seqs=lag,
                 lag_s=beat.lag_s if lag else 0.0,

@@ -490,7 +490,7 @@ class Reader:
         for tp, messages in records.items():
             fetched += len(messages)
             self._ingest(tp.partition, messages)
-        self._collect()
+        self._collect(target)
         now = time.monotonic()
         if self._group or self._group_offsets:
             due = (
@@ -607,8 +607,13 @@ class Reader:
             applied_seq=self._merger.applied_seq,
         )
 
-    def _collect(self) -> None:
+    def _collect(self, target: int | None = None) -> None:
         room = self._apply_entries_max - self._group_entries
+        if target is not None:
+            if self._merger.applied_seq >= target:
+                return
+            # Stop at the batch that reaches the target rather than far beyond it.
+            room = min(room, target - self._merger.applied_seq)
         if room <= 0 and self._group:
             return
         before = self._merger.duplicates
