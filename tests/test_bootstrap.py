@@ -290,3 +290,33 @@ def test_sigkill_at_random_points_completes_identically(tmp_path: Path) -> None:
     assert digest_file(tmp_path / "replica.db").sha256 == expected
     with ReplicaStore(tmp_path / "replica.db") as r:
         assert r.checkpoint().applied_seq == m.seq
+
+
+async def test_scheduler_snapshots_every_n_seqs_and_keeps_newest(tmp_path: Path) -> None:
+    from walship.shared.snapshot.create import SchedulePolicy, SnapshotScheduler
+
+    snaps = FileSnapshotStore(tmp_path / "snaps")
+    db = tmp_path / "replica.db"
+    now = [0.0]
+    with ReplicaStore(db) as store:
+        sched = SnapshotScheduler.for_replica(
+            db,
+            snaps,
+            topic=TOPIC,
+            partitions=2,
+            policy=SchedulePolicy(every_seqs=1000, every_s=60, keep=2),
+        )
+        sched._clock = lambda: now[0]
+        assert (await sched.tick()) is not None  # the first snapshot (seq 0 > -1)
+        last = fill(store, 500)
+        assert await sched.tick() is None  # 500 new seqs, 0 s: not due
+        now[0] = 61.0
+        m = await sched.tick()
+        assert m is not None and m.seq == last  # due by time
+        last = fill(store, 1500, start_seq=last + 1)
+        m = await sched.tick()
+        assert m is not None and m.seq == last  # due by sequences
+        listed = await snaps.list_manifests()
+        assert len(listed) == 2 and listed[0].seq == last
+        assert await sched.tick() is None  # nothing new
+        assert digest_file(db).sha256 == listed[0].digest

@@ -162,3 +162,4 @@ def test_schedule_policy() -> None:
     assert p.due(seq=100, last_seq=0, now_s=10, last_s=0)
     assert p.due(seq=1, last_seq=0, now_s=61, last_s=0)
     assert not p.due(seq=5, last_seq=5, now_s=1000, last_s=0)  # nothing new
+    assert p.due(seq=0, last_seq=-1, now_s=0, last_s=0)  # no snapshot yet

@@ -270,6 +270,8 @@ class SchedulePolicy:
 
     def due(self, *, seq: int, last_seq: int, now_s: float, last_s: float) -> bool:
         """Pure: is a snapshot due?"""
+        if last_seq < 0:
+            return True  # no snapshot yet: a bootstrapping reader needs one
         if seq <= last_seq:
             return False
         if self.every_seqs is not None and seq - last_seq >= self.every_seqs:
@@ -316,6 +318,7 @@ class SnapshotScheduler:
         topic: str,
         partitions: int,
         policy: SchedulePolicy | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> SnapshotScheduler:
         db = Path(data_dir) / "state.db"
 
@@ -330,6 +333,7 @@ class SnapshotScheduler:
             ),
             current_seq=current_seq,
             policy=policy,
+            clock=clock,
         )
 
     @classmethod
@@ -341,6 +345,7 @@ class SnapshotScheduler:
         topic: str,
         partitions: int,
         policy: SchedulePolicy | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> SnapshotScheduler:
         async def make() -> Manifest:
             with ReplicaStore(replica_path) as s:
@@ -352,7 +357,7 @@ class SnapshotScheduler:
             with ReplicaStore(replica_path) as s:
                 return s.applied_seq
 
-        return cls(snapshot_store, make=make, current_seq=current_seq, policy=policy)
+        return cls(snapshot_store, make=make, current_seq=current_seq, policy=policy, clock=clock)
 
     async def tick(self) -> Manifest | None:
         """Snapshot (and apply retention) if due; returns the new manifest."""
