@@ -32,6 +32,7 @@ import yaml
 from check_jsonschema.builtin_schemas import get_builtin_schema  # type: ignore[import-untyped]
 from click.testing import CliRunner
 from pydantic import BaseModel
+from walship.consumer.heartbeat import readers_topic
 from walship.shared.cli import main as cli_main
 from walship.shared.settings import CONFIG_ENV, WalshipSettings, load_settings
 
@@ -476,8 +477,6 @@ def test_compose_topic_setup_matches_walship_settings() -> None:
     snapshots_topic = env["WALSHIP_SNAPSHOT_URL"].removeprefix("kafka://")
     assert "cleanup.policy=compact" in created[snapshots_topic]
     # Heartbeats for `walship status`: latest per reader, so compacted.
-    from walship.consumer.heartbeat import readers_topic
-
     assert "cleanup.policy=compact" in created[readers_topic(env["WALSHIP_TOPIC__NAME"])]
     for name in ("writer", "publisher", "reader"):
         depends = services[name]["depends_on"]
