@@ -1,0 +1,154 @@
+"""The reference writer: WAL append, then apply to ``<data-dir>/state.db``.
+
+Each group-commit cycle of the WAL is applied to state.db as one store
+transaction, in the WAL's worker thread, before the cycle's appends return:
+an append that returned is durable in the WAL and visible in state.db. On
+start, WAL records beyond state.db's applied_seq are replayed (a crash between
+the WAL fsync and the store commit loses nothing).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from pathlib import Path
+
+from walship.producer.identity import WriterIdentity
+from walship.producer.wal import FsyncPolicy, WalReader, WalWriter
+from walship.shared.errors import WalError
+from walship.shared.model import Batch, Op, Transaction, WriterId
+from walship.shared.store import ReplicaStore
+
+STATE_DB_NAME = "state.db"
+WAL_DIR_NAME = "wal"
+_REPLAY_BYTES = 16 << 20
+
+
+class Writer:
+    def __init__(
+        self,
+        data_dir: Path,
+        *,
+        fsync: FsyncPolicy = FsyncPolicy.BATCH,
+        fsync_interval_ms: int = 100,
+        segment_bytes_max: int = 64 << 20,
+        wal_bytes_max: int | None = None,
+        synchronous: str = "normal",
+    ) -> None:
+        self.data_dir = Path(data_dir)
+        self.fsync = FsyncPolicy(fsync)
+        self.fsync_interval_ms = fsync_interval_ms
+        self.segment_bytes_max = segment_bytes_max
+        self.wal_bytes_max = wal_bytes_max
+        self._synchronous = synchronous
+        self._id: WriterId | None = None
+        self._store: ReplicaStore | None = None
+        self._wal: WalWriter | None = None
+
+    @property
+    def wal_dir(self) -> Path:
+        return self.data_dir / WAL_DIR_NAME
+
+    @property
+    def writer_id(self) -> WriterId:
+        if self._id is None:
+            raise WalError("writer is not started", path=str(self.data_dir))
+        return self._id
+
+    @property
+    def wal(self) -> WalWriter:
+        if self._wal is None:
+            raise WalError("writer is not started", path=str(self.data_dir))
+        return self._wal
+
+    @property
+    def store(self) -> ReplicaStore:
+        if self._store is None:
+            raise WalError("writer is not started", path=str(self.data_dir))
+        return self._store
+
+    @property
+    def last_seq(self) -> int:
+        return self.wal.last_seq
+
+    async def __aenter__(self) -> Writer:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    async def start(self) -> None:
+        if self._wal is not None:
+            return
+        self._id = await asyncio.to_thread(WriterIdentity.load_or_create, self.data_dir)
+        self._store = await asyncio.to_thread(
+            ReplicaStore, self.data_dir / STATE_DB_NAME, synchronous=self._synchronous
+        )
+        wal = WalWriter(
+            self.wal_dir,
+            fsync=self.fsync,
+            fsync_interval_ms=self.fsync_interval_ms,
+            segment_bytes_max=self.segment_bytes_max,
+            wal_bytes_max=self.wal_bytes_max,
+            on_durable=self._apply_durable,
+        )
+        try:
+            await wal.start()
+            await asyncio.to_thread(self._replay, wal.last_seq)
+        except BaseException:
+            await wal.stop()
+            self._store.close()
+            self._store = None
+            raise
+        self._wal = wal
+
+    async def stop(self) -> None:
+        wal, self._wal = self._wal, None
+        if wal is not None:
+            await wal.stop()
+        if self._store is not None:
+            self._store.close()
+            self._store = None
+
+    def _replay(self, wal_last_seq: int) -> None:
+        """Apply WAL records beyond state.db's applied_seq (worker thread, before appends)."""
+        store, writer = self.store, self.writer_id
+        applied = store.applied_seq
+        if applied > wal_last_seq:
+            raise WalError(
+                f"state.db is at seq {applied} but the WAL ends at {wal_last_seq}: "
+                "the WAL lost acknowledged records (fsync=interval and a power failure?)",
+                path=str(self.data_dir),
+            )
+        with WalReader(self.wal_dir) as reader:
+            while applied < wal_last_seq:
+                txns = [t for t, _tp in reader.read_from(applied + 1, max_bytes=_REPLAY_BYTES)]
+                if not txns:
+                    raise WalError(
+                        f"cannot replay the WAL from seq {applied + 1}",
+                        path=str(self.wal_dir),
+                        wal_last_seq=wal_last_seq,
+                    )
+                batch = Batch.from_transactions(writer, txns).drop_through(applied)
+                store.apply([batch], writer=writer)
+                applied = batch.last_seq
+
+    def _apply_durable(self, txns: Sequence[Transaction]) -> None:
+        """WAL hook, worker thread: one store transaction per group-commit cycle."""
+        store = self._store
+        if store is None:
+            raise WalError("writer is stopped", path=str(self.data_dir))
+        store.apply([Batch.from_transactions(self.writer_id, txns)], writer=self.writer_id)
+
+    async def append(
+        self,
+        ops_keys_values: Sequence[tuple[Op, bytes, bytes]],
+        *,
+        timestamp_us: int | None = None,
+        traceparent: str | None = None,
+    ) -> Transaction:
+        """Append durably (per the fsync policy) and apply to state.db; returns the txn."""
+        return await self.wal.append(
+            ops_keys_values, timestamp_us=timestamp_us, traceparent=traceparent
+        )
