@@ -151,18 +151,29 @@ def test_lazy_registration_skips_missing_modules_but_raises_on_broken(
         {
             "hello": ("walship_cli_probe.good", "hello_cmd"),
             "absent": ("walship_cli_probe.absent", "x"),
+            "noattr": ("walship_cli_probe.good", "not_written_yet"),
+            "notcmd": ("walship_cli_probe.good", "click"),
             "nopkg": ("walship_no_such_pkg.cli", "x"),
             "broken": ("walship_cli_probe.broken", "x"),
         },
     )
     ctx = click.Context(main)
+    # --help must not hide a broken module or a wrong attribute.
+    with pytest.raises((ModuleNotFoundError, RuntimeError)):
+        main.list_commands(ctx)
+    probe = dict(main_module._OPTIONAL)
+    for name in ("broken", "notcmd"):
+        del main_module._OPTIONAL[name]
     names = main.list_commands(ctx)
-    assert "hello" in names and "broken" in names
-    assert "absent" not in names and "nopkg" not in names
+    main_module._OPTIONAL.update(probe)
+    assert "hello" in names
+    assert "absent" not in names and "nopkg" not in names and "noattr" not in names
     assert run("hello") == (0, "hi\n", "")
     assert main.get_command(ctx, "absent") is None
     with pytest.raises(ModuleNotFoundError, match="walship_no_such_dependency"):
         main.get_command(ctx, "broken")
+    with pytest.raises(RuntimeError, match="not a click command"):
+        main.get_command(ctx, "notcmd")
 
 
 def test_settings_from_flags(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -269,3 +280,73 @@ def test_devcluster_rejects_mismatched_partition_counts() -> None:
     assert code == 2 and "--topic" in err
     code, _, err = run("devcluster", "--brokers", "0")
     assert code == 2
+
+
+# --- walship verify -----------------------------------------------------------
+
+
+def _store(path: Path, pairs: list[tuple[bytes, bytes]], deletes: tuple[bytes, ...] = ()) -> Path:
+    """A store at seq len(pairs) + len(deletes) holding ``pairs`` minus ``deletes``."""
+    from walship.shared.model import Batch, Op, WriterId
+    from walship.shared.store import ReplicaStore
+
+    ops = [(Op.PUT, k, v) for k, v in pairs] + [(Op.DELETE, k, b"") for k in deletes]
+    batch = Batch(
+        writer=WriterId(b"\x01" * 16, 1),
+        first_seq=1,
+        ops=bytes(op for op, _, _ in ops),
+        keys=[k for _, k, _ in ops],
+        values=[v for _, _, v in ops],
+        txn_sizes=[len(ops)],
+        txn_timestamps_us=[1],
+    )
+    path.mkdir(parents=True, exist_ok=True)
+    with ReplicaStore(path / "state.db") as store:
+        store.apply([batch])
+    return path
+
+
+def test_verify_equal_stores(tmp_path: Path) -> None:
+    a = _store(tmp_path / "a", [(b"k1", b"v1"), (b"k2", b"v2")])
+    # Same state at the same seq, reached differently.
+    b = _store(tmp_path / "b", [(b"k2", b"v2"), (b"k1", b"v1")])
+    code, out, _ = run("verify", str(a), str(b / "state.db"))
+    assert code == 0, out
+    assert out.splitlines()[-1] == "EQUAL at seq 2"
+    assert out.count("seq=2 keys=2 sha256=") == 2
+    code, out, _ = run("verify", "--json", str(a), str(b))
+    data = json.loads(out)
+    assert code == 0 and data["equal"] is True and data["differences"] == []
+    assert data["a"]["sha256"] == data["b"]["sha256"] and data["a"]["path"] == str(a / "state.db")
+
+
+def test_verify_different_stores(tmp_path: Path) -> None:
+    a = _store(tmp_path / "a", [(b"k1", b"v1"), (b"k2", b"v2")])
+    b = _store(tmp_path / "b", [(b"k1", b"v1"), (b"k2", b"XX")])
+    code, out, _ = run("verify", str(a), str(b))
+    assert code == 1
+    assert "DIFFERENT: sha256" in out and "seq" not in out.splitlines()[-1]
+    # Same keys and content at different seqs are not equal either.
+    c = _store(tmp_path / "c", [(b"k1", b"v1"), (b"k2", b"v2"), (b"k3", b"v3")], (b"k3",))
+    code, out, _ = run("verify", "--json", str(a), str(c))
+    data = json.loads(out)
+    assert code == 1 and data["equal"] is False
+    assert data["a"]["sha256"] == data["b"]["sha256"]
+    assert [d.split()[0] for d in data["differences"]] == ["seq"]
+    d = _store(tmp_path / "d", [(b"k1", b"v1")])
+    code, out, _ = run("verify", str(a), str(d))
+    assert code == 1 and "seq 2 != 1" in out and "keys 2 != 1" in out
+
+
+def test_verify_bad_paths(tmp_path: Path) -> None:
+    a = _store(tmp_path / "a", [(b"k", b"v")])
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    code, _, err = run("verify", str(a), str(empty))
+    assert code == 2 and "no state.db" in err
+    code, _, _ = run("verify", str(a), str(tmp_path / "absent"))
+    assert code == 2
+    not_a_store = tmp_path / "junk.db"
+    not_a_store.write_bytes(b"this is not sqlite" * 100)
+    code, _, err = run("verify", str(a), str(not_a_store))
+    assert code == 1 and "Traceback" not in err and str(not_a_store) in err

@@ -2,9 +2,9 @@
 
 Each area defines its commands in its own module; they are imported only when
 used (or listed by ``--help``), so ``walship verify`` does not pay for aiokafka.
-A module that does not exist is skipped (that area is not installed or not
-written yet); a module that exists but fails to import raises, because hiding
-that would hide a bug.
+A module (or its command attribute) that does not exist is skipped: that area
+is not installed or not written yet. A module that exists but fails to import
+raises, because hiding that would hide a bug.
 
 Exit codes: 0 ok, 1 a WalshipError (its message on stderr, no traceback),
 2 a usage error or a ConfigError.
@@ -24,6 +24,7 @@ from walship.shared.errors import ConfigError, WalshipError
 _REQUIRED: dict[str, tuple[str, str]] = {
     "config": ("walship.shared.cli.config_cmd", "config_group"),
     "devcluster": ("walship.shared.cli.devcluster_cmd", "devcluster_cmd"),
+    "verify": ("walship.shared.cli.verify_cmd", "verify_cmd"),
 }
 _OPTIONAL: dict[str, tuple[str, str]] = {
     "producer": ("walship.producer.cli", "producer_group"),
@@ -49,28 +50,38 @@ def _module_exists(name: str) -> bool:
         return False
 
 
+def _load_optional(name: str) -> click.Command | None:
+    """An optional command: None if its module or attribute does not exist (yet)."""
+    module_name, attr = _OPTIONAL[name]
+    if not _module_exists(module_name):
+        return None
+    # Import errors inside an existing module propagate: they are bugs.
+    command = getattr(importlib.import_module(module_name), attr, None)
+    if command is None:
+        return None
+    if not isinstance(command, click.Command):
+        raise RuntimeError(f"{module_name}.{attr} is not a click command (walship {name})")
+    return command
+
+
 class WalshipGroup(click.Group):
     """Lazily loaded subcommands, and walship errors turned into exit codes."""
 
     def list_commands(self, ctx: click.Context) -> list[str]:
         names = set(super().list_commands(ctx)) | set(_REQUIRED)
-        names |= {name for name, (module, _) in _OPTIONAL.items() if _module_exists(module)}
+        names |= {name for name in _OPTIONAL if _load_optional(name) is not None}
         return sorted(names)
 
     def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
         command = super().get_command(ctx, cmd_name)
         if command is not None:
             return command
-        if cmd_name in _REQUIRED:
-            module_name, attr = _REQUIRED[cmd_name]
-        elif cmd_name in _OPTIONAL:
-            module_name, attr = _OPTIONAL[cmd_name]
-            if not _module_exists(module_name):
-                return None
-        else:
+        if cmd_name in _OPTIONAL:
+            return _load_optional(cmd_name)
+        if cmd_name not in _REQUIRED:
             return None
-        module = importlib.import_module(module_name)
-        command = getattr(module, attr, None)
+        module_name, attr = _REQUIRED[cmd_name]
+        command = getattr(importlib.import_module(module_name), attr)
         if not isinstance(command, click.Command):
             raise RuntimeError(f"{module_name}.{attr} is not a click command (walship {cmd_name})")
         return command
