@@ -322,3 +322,56 @@ async def test_replica_read_api_while_reading(
             await publish(kafka_bootstrap, topic, 2, writer, more)
             await run_until(reader, more[-1].last_seq)
             assert replica.applied_seq == more[-1].last_seq
+
+
+async def test_two_readers_match_the_real_writer_through_the_publisher(
+    kafka_bootstrap: str, new_topic: Callable[..., str], tmp_path: Path
+) -> None:
+    from walship.producer.publisher import Publisher
+    from walship.producer.writer import Writer
+
+    topic = new_topic(3)
+    data_dir = tmp_path / "writer"
+    rng = random.Random(51)
+
+    async def write(writer: Writer, count: int) -> None:
+        for _ in range(count):
+            ops = []
+            for _ in range(rng.randint(1, 4)):
+                key = b"k%03d" % rng.randrange(150)
+                if rng.random() < 0.1:
+                    ops.append((Op.DELETE, key, b""))
+                else:
+                    ops.append((Op.PUT, key, rng.randbytes(30)))
+            await writer.append(ops)
+
+    async def publish_all() -> None:
+        async with Publisher(
+            data_dir,
+            topic=topic,
+            partitions=3,
+            producer_kwargs={"bootstrap_servers": kafka_bootstrap},
+            message_bytes_max=4096,
+        ) as publisher:
+            await asyncio.wait_for(publisher.run(until_caught_up=True), 60)
+
+    async with Writer(data_dir) as writer:
+        await write(writer, 150)
+        await publish_all()
+        early = make_reader(tmp_path / "a.db", kafka_bootstrap, topic, "early")
+        async with early:
+            await asyncio.wait_for(early.run(until_caught_up=True), 60)
+        await write(writer, 150)
+        await publish_all()
+        last = writer.last_seq
+    # A restarted writer (new epoch) continues the sequence.
+    async with Writer(data_dir) as writer:
+        await write(writer, 50)
+        await publish_all()
+        last = writer.last_seq
+        expected = writer.store.digest()
+    for path, reader_id in ((tmp_path / "a.db", "early"), (tmp_path / "b.db", "late")):
+        reader = make_reader(path, kafka_bootstrap, topic, reader_id)
+        async with reader:
+            await run_until(reader, last)
+        assert digest_of(path) == expected
