@@ -196,3 +196,24 @@ async def test_a_second_store_instance_sees_the_same_snapshots(
         assert (await verify_snapshot(other, m)).ok
     finally:
         await other.close()
+
+
+@pytest.mark.kafka
+async def test_kafka_snapshot_that_lost_chunks_to_retention_is_not_listed(
+    devcluster: object,
+) -> None:
+    from walship.shared.devcluster import DevCluster
+
+    assert isinstance(devcluster, DevCluster)
+    devcluster.create_topic("snaps", 1)
+    store = KafkaSnapshotStore("snaps", devcluster.bootstrap_servers, piece_bytes=500)
+    try:
+        old = await put(store, 1, items(300), created_at_us=1)
+        new = await put(store, 2, items(300), created_at_us=2)
+        assert [m.seq for m in await store.list_manifests()] == [2, 1]
+        devcluster.truncate("snaps", 0, 3)  # the first pieces of the old snapshot are gone
+        assert [m.snapshot_id for m in await store.list_manifests()] == [new.snapshot_id]
+        with pytest.raises(SnapshotCorruptError):
+            await store.get_chunk(old.snapshot_id, 0)
+    finally:
+        await store.close()

@@ -114,6 +114,7 @@ class KafkaSnapshotStore:
         self._consumer: AIOKafkaConsumer | None = None
         self._index: dict[str, _Entry] = {}
         self._scanned = 0  # next offset of partition 0 not yet indexed
+        self._begin = 0  # log start offset of partition 0 at the last scan
         self._lock = asyncio.Lock()
 
     @classmethod
@@ -250,6 +251,7 @@ class KafkaSnapshotStore:
         async with kafka_errors("reading the snapshot topic", topic=self.topic):
             begin = (await consumer.beginning_offsets([self._tp]))[self._tp]
             end = (await consumer.end_offsets([self._tp]))[self._tp]
+            self._begin = begin
             if self._scanned < begin:
                 self._scanned = begin
             if self._scanned >= end:
@@ -317,8 +319,26 @@ class KafkaSnapshotStore:
         async with self._lock:
             await self._scan()
             return newest_first(
-                e.manifest for e in self._index.values() if e.manifest is not None and not e.deleted
+                e.manifest
+                for sid, e in self._index.items()
+                if e.manifest is not None and not e.deleted and self._intact(sid, e)
             )
+
+    def _intact(self, snapshot_id: str, entry: _Entry) -> bool:
+        """All chunks still in the topic: retention (or the dev cluster's 5 MB cap)
+        may have deleted the oldest messages; such a snapshot is unusable."""
+        assert entry.manifest is not None
+        for info in entry.manifest.chunks:
+            pieces = entry.pieces.get(info.index, {})
+            if not self._chunk_complete(entry, info.index) or min(pieces.values()) < self._begin:
+                log.warning(
+                    "snapshot %s in %s lost chunk %d to retention; not listing it",
+                    snapshot_id,
+                    self.topic,
+                    info.index,
+                )
+                return False
+        return True
 
     async def get_manifest(self, snapshot_id: str) -> Manifest:
         parse_snapshot_id(snapshot_id)
