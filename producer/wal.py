@@ -104,6 +104,12 @@ def read_marker_full(directory: Path) -> tuple[int, int] | None:
     return None
 
 
+def _resolve(group: list[_Pending], txns: list[Transaction]) -> None:
+    for p, t in zip(group, txns, strict=True):
+        if not p.future.done():
+            p.future.set_result(t)
+
+
 def _open_segment(path: Path) -> BinaryIO:
     """Open a segment for reading; FileNotFoundError (released meanwhile) passes through."""
     try:
@@ -159,8 +165,9 @@ class WalWriter:
         self.fsync_interval_ms = fsync_interval_ms
         self.segment_bytes_max = segment_bytes_max
         self.wal_bytes_max = wal_bytes_max
-        # Called in the worker thread after each durable cycle, before the
-        # appends return (the Writer applies the cycle to state.db there).
+        # Called in a worker thread with durable cycles, in seq order (several
+        # merged when it lags), while the next cycle is written; the appends
+        # return after it (the Writer applies them to state.db there).
         self._on_durable = on_durable
         # Everything below is touched by the worker thread under _lock.
         self._lock = threading.Lock()
@@ -181,6 +188,9 @@ class WalWriter:
         self._wakeup: asyncio.Event | None = None
         self._flusher: asyncio.Task[None] | None = None
         self._syncer: asyncio.Task[None] | None = None
+        self._post: asyncio.Task[None] | None = None
+        self._durable: list[tuple[list[_Pending], list[Transaction]]] = []
+        self._durable_ready: asyncio.Event | None = None
         self._started = False
         self._stopping = False
 
@@ -200,6 +210,9 @@ class WalWriter:
         self._wakeup = asyncio.Event()
         self._stopping = False
         self._flusher = asyncio.create_task(self._flush_loop(), name="wal-flush")
+        if self._on_durable is not None:
+            self._durable_ready = asyncio.Event()
+            self._post = asyncio.create_task(self._post_durable_loop(), name="wal-post")
         if self.policy is FsyncPolicy.INTERVAL:
             self._syncer = asyncio.create_task(self._sync_loop(), name="wal-sync")
         self._started = True
@@ -214,6 +227,9 @@ class WalWriter:
         self._wakeup.set()
         if self._flusher is not None:
             await self._flusher
+        if self._post is not None and self._durable_ready is not None:
+            self._durable_ready.set()
+            await self._post
         if self._syncer is not None:
             self._syncer.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -430,7 +446,29 @@ class WalWriter:
                 raise
             return
         if self._on_durable is not None:
+            # Hand the durable cycle to the post-durable stage and go on writing
+            # the next one: the WAL fsync and the state.db apply overlap.
+            self._durable.append((group, txns))
+            assert self._durable_ready is not None
+            self._durable_ready.set()
+            return
+        _resolve(group, txns)
+
+    async def _post_durable_loop(self) -> None:
+        """Run on_durable for durable cycles, in order, merged; then the appends return."""
+        assert self._durable_ready is not None and self._on_durable is not None
+        while True:
+            await self._durable_ready.wait()
+            self._durable_ready.clear()
+            if not self._durable:
+                if self._flusher is None or self._flusher.done():
+                    return
+                continue
+            cycles, self._durable = self._durable, []
+            txns = [t for _, ts in cycles for t in ts]
             try:
+                if self._failed is not None:
+                    raise self._failed
                 await asyncio.to_thread(self._on_durable, txns)
             except Exception as exc:
                 # The records ARE in the WAL; a restart replays them. Stop
@@ -441,13 +479,13 @@ class WalWriter:
                     path=str(self.directory),
                 )
                 self._failed = err
-                for p in group:
-                    if not p.future.done():
-                        p.future.set_exception(err)
-                return
-        for p, t in zip(group, txns, strict=True):
-            if not p.future.done():
-                p.future.set_result(t)
+                for group, _ in cycles:
+                    for p in group:
+                        if not p.future.done():
+                            p.future.set_exception(err)
+                continue
+            for group, ts in cycles:
+                _resolve(group, ts)
 
     def _write_group(self, group: list[_Pending]) -> list[Transaction]:
         """Worker thread: encode, write, fsync (policy), publish the marker. All or nothing."""

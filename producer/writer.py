@@ -1,8 +1,9 @@
 """The reference writer: WAL append, then apply to ``<data-dir>/state.db``.
 
-Each group-commit cycle of the WAL is applied to state.db as one store
-transaction, in the WAL's worker thread, before the cycle's appends return:
-an append that returned is durable in the WAL and visible in state.db. On
+Durable WAL cycles are applied to state.db in order, in a worker thread, while
+the WAL writes the next cycle (cycles waiting for the apply are merged into one
+store transaction); an append returns only after both, so an append that
+returned is durable in the WAL and visible in state.db. On
 start, WAL records beyond state.db's applied_seq are replayed (a crash between
 the WAL fsync and the store commit loses nothing).
 """
