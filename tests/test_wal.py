@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from walship.producer import wal as wal_mod
 from walship.producer import wal_format as fmt
@@ -414,9 +414,11 @@ def test_damage_is_detected_never_returned(
     try:
         got = _recover(directory)
     except WalCorruptError:
+        event("middle damage: WalCorruptError")
         # Only a flip in a record followed by an intact one may be an error.
         assert flipped_record is not None and flipped_record + 1 < complete
         return
+    event("tail damage: truncated" if len(got) < len(originals) else "no record damaged")
     # Whatever came back is an undamaged prefix of what was written.
     assert got == originals[: len(got)]
     intact = complete if flipped_record is None else min(complete, flipped_record)
