@@ -139,19 +139,25 @@ class _Sent:
 class AckTracker:
     """Orders out-of-order acknowledgements into a contiguous published prefix.
 
-    Messages are registered in sequence order with :meth:`sent` (dense); each
-    acknowledgement (:meth:`acked`) may arrive in any order. :attr:`acked_seq`
-    only moves over a prefix of acknowledged messages and only to the end of a
-    transaction; :attr:`offsets` then holds, per partition, the offset after
-    the last acknowledged message of that prefix.
+    Messages are registered in sequence order with :meth:`sent`, which returns
+    a message id; acknowledgements (:meth:`acked`) may arrive in any order.
+    :attr:`acked_seq` only moves over a prefix of acknowledged messages and
+    only to the end of a transaction; :attr:`offsets` then holds, per
+    partition, the offset after the last acknowledged message of that prefix.
+
+    Registered messages are dense: each starts right after the previous one,
+    or, within a transaction split into parts, at the previous one's last
+    sequence (a value too large for one message continues in the next part).
     """
 
     def __init__(self, acked_seq: int = 0, offsets: Mapping[int, int] | None = None) -> None:
         self._acked_seq = acked_seq
         self._offsets: dict[int, int] = dict(offsets or {})
         self._queue: deque[_Sent] = deque()
-        self._by_first: dict[int, _Sent] = {}
+        self._by_id: dict[int, _Sent] = {}
+        self._first_id = 0  # id of self._queue[0]
         self._sent_seq = acked_seq
+        self._open_txn = False  # the last registered message did not end its transaction
 
     @property
     def acked_seq(self) -> int:
@@ -171,26 +177,28 @@ class AckTracker:
         """Messages registered and not yet part of the published prefix."""
         return len(self._queue)
 
-    def sent(self, first_seq: int, last_seq: int, partition: int, *, ends_txn: bool) -> None:
-        if first_seq != self._sent_seq + 1:
+    def sent(self, first_seq: int, last_seq: int, partition: int, *, ends_txn: bool) -> int:
+        """Register the next message; returns its id for :meth:`acked`."""
+        dense = first_seq == self._sent_seq + 1 or (self._open_txn and first_seq == self._sent_seq)
+        if not dense:
             raise ValueError(
                 f"sends must be dense: expected seq {self._sent_seq + 1}, got {first_seq}"
             )
         if last_seq < first_seq:
             raise ValueError(f"empty message {first_seq}..{last_seq}")
         item = _Sent(first_seq, last_seq, partition, ends_txn)
+        msg_id = self._first_id + len(self._queue)
         self._queue.append(item)
-        self._by_first[first_seq] = item
+        self._by_id[msg_id] = item
         self._sent_seq = last_seq
+        self._open_txn = not ends_txn
+        return msg_id
 
-    def acked(self, first_seq: int, offset: int) -> bool:
-        """Record Kafka's offset for the message starting at ``first_seq``.
-
-        Returns whether :attr:`acked_seq` moved.
-        """
-        item = self._by_first.get(first_seq)
+    def acked(self, msg_id: int, offset: int) -> bool:
+        """Record Kafka's offset for message ``msg_id``; returns whether acked_seq moved."""
+        item = self._by_id.get(msg_id)
         if item is None:
-            raise KeyError(f"no message in flight starts at seq {first_seq}")
+            raise KeyError(f"no message {msg_id} in flight")
         item.offset = offset
         return self._advance()
 
@@ -206,7 +214,8 @@ class AckTracker:
             return False
         for _ in range(cut):
             item = self._queue.popleft()
-            del self._by_first[item.first_seq]
+            del self._by_id[self._first_id]
+            self._first_id += 1
             assert item.offset is not None
             self._offsets[item.partition] = max(
                 item.offset + 1, self._offsets.get(item.partition, 0)
@@ -216,9 +225,11 @@ class AckTracker:
 
     def reset(self) -> int:
         """Forget everything in flight (the producer is gone); return the seq to resend from."""
+        self._first_id += len(self._queue)
         self._queue.clear()
-        self._by_first.clear()
+        self._by_id.clear()
         self._sent_seq = self._acked_seq
+        self._open_txn = False
         return self._acked_seq + 1
 
 

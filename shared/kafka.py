@@ -439,7 +439,15 @@ async def abort_producer(producer: Any, *, timeout_s: float = PRODUCER_CLOSE_TIM
     accumulator = getattr(producer, "_message_accumulator", None)
     if accumulator is not None:
         with contextlib.suppress(Exception):
+            batches = [b for q in accumulator._batches.values() for b in q]
+            batches += list(accumulator._pending_batches)
             accumulator.fail_all(ak.ProducerClosed())
+            # Nobody waits on these internal futures any more: mark their
+            # exceptions retrieved so asyncio does not log each one.
+            for b in batches:
+                for fut in (b.future, getattr(b, "_drain_waiter", None)):
+                    if fut is not None and fut.done() and not fut.cancelled():
+                        fut.exception()
     # Nothing is left to deliver; a stuck close only leaks sockets until exit.
     with contextlib.suppress(Exception):
         await asyncio.wait_for(producer.stop(), timeout_s)

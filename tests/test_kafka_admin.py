@@ -154,3 +154,41 @@ async def test_abort_producer_never_waits_for_a_dead_cluster() -> None:
     with pytest.raises(ak.KafkaConnectionError):
         await producer.start()
     await asyncio.wait_for(abort_producer(producer), 10)
+
+
+# -- walship topic create|describe ---------------------------------------------
+
+
+@pytest.mark.kafka
+def test_topic_cli(kafka_bootstrap: str, new_topic: Callable[..., str]) -> None:
+    import json
+
+    from click.testing import CliRunner
+    from walship.shared.cli.main import main
+
+    topic = new_topic(3)
+    runner = CliRunner()
+    base = ["--bootstrap-servers", kafka_bootstrap, "--topic", topic]
+    described = runner.invoke(main, ["topic", "describe", *base, "--json"])
+    assert described.exit_code == 0, described.output
+    assert json.loads(described.output)["partitions"] == 3
+    table = runner.invoke(main, ["topic", "describe", *base])
+    assert table.exit_code == 0 and "beginning" in table.output
+    created = runner.invoke(main, ["topic", "create", *base, "--partitions", "3"])
+    assert created.exit_code == 0, created.output
+    assert f"topic {topic}: ready with 3 partitions" in created.output
+    wrong = runner.invoke(main, ["topic", "create", *base, "--partitions", "5"])
+    assert wrong.exit_code == 1
+    assert "has 3 partitions but this stream uses 5" in wrong.output
+    missing = runner.invoke(
+        main,
+        [
+            "topic",
+            "describe",
+            "--bootstrap-servers",
+            kafka_bootstrap,
+            "--topic",
+            topic + "-missing",
+        ],
+    )
+    assert missing.exit_code == 1 and "does not exist" in missing.output

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import random
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from publisher_helpers import WRITER, MemoryWal, Received, entries_by_seq, read_topic
 from walship.producer.batching import (
     AckTracker,
     Backoff,
@@ -18,8 +21,13 @@ from walship.producer.batching import (
     txn_size_bytes,
 )
 from walship.producer.position import FILE_NAME, PublishedPosition
+from walship.producer.publisher import SEQ_HEADER, Publisher
+from walship.producer.wal import WalWriter
+from walship.shared.codec import message_key, partition_for
 from walship.shared.errors import WalError
 from walship.shared.model import Op, Transaction
+
+_TRACEPARENT = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
 
 
 def _txn(first_seq: int, entries: int = 1, value_bytes: int = 10) -> Transaction:
@@ -91,45 +99,48 @@ def test_message_ends() -> None:
 
 def test_tracker_advances_only_over_acknowledged_prefix() -> None:
     t = AckTracker(acked_seq=10, offsets={0: 5})
-    t.sent(11, 12, partition=0, ends_txn=True)
-    t.sent(13, 15, partition=1, ends_txn=True)
-    t.sent(16, 16, partition=0, ends_txn=True)
-    assert not t.acked(13, offset=7)  # out of order: prefix blocked by 11..12
+    a = t.sent(11, 12, partition=0, ends_txn=True)
+    b = t.sent(13, 15, partition=1, ends_txn=True)
+    c = t.sent(16, 16, partition=0, ends_txn=True)
+    assert not t.acked(b, offset=7)  # out of order: prefix blocked by 11..12
     assert t.acked_seq == 10 and t.offsets == {0: 5}
-    assert t.acked(11, offset=5)
+    assert t.acked(a, offset=5)
     assert t.acked_seq == 15 and t.offsets == {0: 6, 1: 8}
-    assert t.acked(16, offset=6)
+    assert t.acked(c, offset=6)
     assert t.acked_seq == 16 and t.offsets == {0: 7, 1: 8}
     assert t.in_flight == 0
 
 
 def test_tracker_waits_for_the_last_part_of_a_split_transaction() -> None:
     t = AckTracker()
-    t.sent(1, 4, partition=2, ends_txn=False)  # part 1 of txn 1..10
-    t.sent(5, 8, partition=2, ends_txn=False)
-    t.sent(9, 10, partition=2, ends_txn=True)
-    t.acked(1, 0)
-    t.acked(5, 1)
+    a = t.sent(1, 4, partition=2, ends_txn=False)  # part 1 of txn 1..10
+    b = t.sent(5, 8, partition=2, ends_txn=False)
+    c = t.sent(8, 8, partition=2, ends_txn=False)  # seq 8's value continues
+    d = t.sent(8, 10, partition=2, ends_txn=True)
+    with pytest.raises(ValueError, match="dense"):
+        t.sent(10, 11, partition=2, ends_txn=True)  # only parts may overlap
+    for msg_id, offset in ((a, 0), (b, 1), (c, 2)):
+        t.acked(msg_id, offset)
     assert t.acked_seq == 0 and t.offsets == {}
-    t.acked(9, 2)
-    assert t.acked_seq == 10 and t.offsets == {2: 3}
+    t.acked(d, 3)
+    assert t.acked_seq == 10 and t.offsets == {2: 4}
 
 
 def test_tracker_reset_resends_from_acked() -> None:
     t = AckTracker()
-    t.sent(1, 1, partition=0, ends_txn=True)
-    t.sent(2, 2, partition=1, ends_txn=True)
-    t.acked(1, 0)
-    t.acked(2, 0)
+    t.acked(t.sent(1, 1, partition=0, ends_txn=True), 0)
+    t.acked(t.sent(2, 2, partition=1, ends_txn=True), 0)
     t.sent(3, 3, partition=0, ends_txn=True)
-    t.sent(4, 4, partition=1, ends_txn=True)
-    t.acked(4, 1)  # acknowledged, but 3 is not: 4 is resent after a reset
+    late = t.sent(4, 4, partition=1, ends_txn=True)
+    t.acked(late, 1)  # acknowledged, but 3 is not: 4 is resent after a reset
     assert t.reset() == 3
     assert t.sent_seq == 2 and t.in_flight == 0
     with pytest.raises(ValueError, match="dense"):
         t.sent(4, 4, partition=1, ends_txn=True)
     with pytest.raises(KeyError):
-        t.acked(4, 1)
+        t.acked(late, 1)  # a discarded message's late acknowledgement
+    assert t.acked(t.sent(3, 3, partition=0, ends_txn=True), 1)
+    assert (t.acked_seq, t.offsets) == (3, {0: 2, 1: 1})
 
 
 @settings(max_examples=200, deadline=None)
@@ -155,19 +166,18 @@ def test_tracker_never_claims_more_than_acknowledged(
         for s, e in zip(starts, ends, strict=True):
             msgs.append((seq + s, seq + e - 1, rng.randrange(partitions), e == size))
         seq += size
-    for first, last, p, ends_txn in msgs:
-        t.sent(first, last, p, ends_txn=ends_txn)
+    ids = [t.sent(first, last, p, ends_txn=ends_txn) for first, last, p, ends_txn in msgs]
     txn_ends = {last for _, last, _, ends_txn in msgs if ends_txn} | {0}
     next_offset = dict.fromkeys(range(partitions), 0)
     # Kafka acknowledges in order per partition, in any order across partitions.
-    per_partition: dict[int, list[tuple[int, int]]] = {}
-    for first, last, p, _ in msgs:
-        per_partition.setdefault(p, []).append((first, last))
+    per_partition: dict[int, list[tuple[int, int, int]]] = {}
+    for msg_id, (first, last, p, _) in zip(ids, msgs, strict=True):
+        per_partition.setdefault(p, []).append((msg_id, first, last))
     acked: set[int] = set()
     while any(per_partition.values()):
         p = rng.choice([q for q, v in per_partition.items() if v])
-        first, last = per_partition[p].pop(0)
-        t.acked(first, next_offset[p])
+        msg_id, first, last = per_partition[p].pop(0)
+        t.acked(msg_id, next_offset[p])
         next_offset[p] += 1
         acked.update(range(first, last + 1))
         assert t.acked_seq in txn_ends
@@ -220,3 +230,174 @@ def test_position_save_failure_is_translated(tmp_path: Path) -> None:
         pos.save(1, {})
     assert pos.seq == 0
     assert not os.path.exists(tmp_path / "missing-dir")
+
+
+# -- publishing to Kafka -------------------------------------------------------
+
+
+def _producer_kwargs(bootstrap: str) -> dict[str, object]:
+    return {"bootstrap_servers": bootstrap, "request_timeout_ms": 10_000}
+
+
+def _position_never_ahead(data_dir: Path, received: list[Received]) -> None:
+    """The durable position claims nothing Kafka does not hold."""
+    pos = PublishedPosition.load(data_dir)
+    held = entries_by_seq(received)
+    assert all(s in held for s in range(1, pos.seq + 1))
+    last_offsets: dict[int, int] = {}
+    for r in received:
+        last_offsets[r.partition] = max(last_offsets.get(r.partition, -1), r.offset)
+    for p, next_offset in pos.offsets.items():
+        assert next_offset <= last_offsets[p] + 1
+
+
+@pytest.mark.kafka
+async def test_publishes_wal_exactly_as_decoded(
+    tmp_path: Path, kafka_bootstrap: str, new_topic: Callable[..., str]
+) -> None:
+    """N transactions through the real WAL arrive as an independent consumer decodes them."""
+    partitions = 4
+    topic = new_topic(partitions)
+    rng = random.Random(7)
+    expected: dict[int, tuple[Op, bytes, bytes]] = {}
+    async with WalWriter(tmp_path / "wal") as wal:
+        for i in range(300):
+            n = rng.randint(1, 8)
+            ops = [
+                (Op.DELETE, b"k%d" % rng.randrange(50), b"")
+                if rng.random() < 0.1
+                else (Op.PUT, b"k%d" % rng.randrange(50), rng.randbytes(rng.randint(0, 300)))
+                for _ in range(n)
+            ]
+            txn = await wal.append(ops, traceparent=None if i % 3 else _TRACEPARENT)
+            for e in txn.entries():
+                expected[e.seq] = (e.op, e.key, e.value)
+        # Past message_bytes_max: a transaction split into parts on one partition.
+        big = await wal.append([(Op.PUT, b"big%d" % i, rng.randbytes(3_000)) for i in range(30)])
+        for e in big.entries():
+            expected[e.seq] = (e.op, e.key, e.value)
+        last = wal.last_seq
+
+    published: list[int] = []
+    pub = Publisher(
+        tmp_path,
+        topic=topic,
+        partitions=partitions,
+        producer_kwargs=_producer_kwargs(kafka_bootstrap),
+        writer_id=WRITER,
+        batch_bytes_max=8 << 10,
+        message_bytes_max=16 << 10,
+        on_published=published.append,
+    )
+    async with pub:
+        await asyncio.wait_for(pub.run(until_caught_up=True), 60)
+        assert pub.published_seq == last == pub.acked_seq
+        assert pub.backlog == 0
+    assert published and published[-1] == last
+
+    received = await read_topic(kafka_bootstrap, topic, partitions)
+    assert entries_by_seq(received) == expected
+    parts = [r for r in received if r.batch.is_part]
+    assert parts and len({r.partition for r in parts}) == 1
+    for r in received:
+        assert r.key == message_key(r.batch.first_seq)
+        assert r.batch.writer == WRITER
+        routing = r.batch.first_seq if not r.batch.is_part else big.first_seq
+        assert r.partition == partition_for(routing, partitions)
+        assert r.headers[SEQ_HEADER] == f"{r.batch.first_seq}-{r.batch.last_seq}".encode()
+    # No resends in a clean run: each seq exactly once.
+    assert sum(r.batch.entry_count for r in received if not r.batch.is_part) + len(big) == len(
+        expected
+    )
+    pos = PublishedPosition.load(tmp_path)
+    assert pos.seq == last
+    ends: dict[int, int] = {}
+    for r in received:
+        ends[r.partition] = max(ends.get(r.partition, 0), r.offset + 1)
+    assert pos.offsets == ends
+    _position_never_ahead(tmp_path, received)
+
+
+@pytest.mark.kafka
+async def test_position_never_claims_more_than_acknowledged(
+    tmp_path: Path, kafka_bootstrap: str, new_topic: Callable[..., str]
+) -> None:
+    """Every position saved while publishing is covered by messages below its offsets."""
+    topic = new_topic(3)
+    wal = MemoryWal()
+    saved: list[tuple[int, dict[int, int]]] = []
+    pub = Publisher(
+        tmp_path,
+        topic=topic,
+        partitions=3,
+        producer_kwargs=_producer_kwargs(kafka_bootstrap),
+        writer_id=WRITER,
+        reader=wal,
+        batch_bytes_max=2 << 10,
+        in_flight_bytes_max=32 << 10,
+        position_interval_ms=2,
+        on_published=lambda seq: saved.append((seq, PublishedPosition.load(tmp_path).offsets)),
+    )
+    async with pub:
+        running = asyncio.create_task(pub.run())
+        for _ in range(100):  # appends keep coming for about a second
+            for _ in range(30):
+                wal.append(3, value_bytes=100)
+            await asyncio.sleep(0.01)
+        async with asyncio.timeout(60):
+            # Polling on purpose: the test watches the publisher from outside.
+            while pub.published_seq < wal.last_seq:  # noqa: ASYNC110
+                await asyncio.sleep(0.01)
+        await pub.stop()
+        await running
+    received = await read_topic(kafka_bootstrap, topic, 3)
+    assert len(entries_by_seq(received)) == wal.last_seq
+    assert len(saved) > 3, "the position should advance in steps while publishing"
+    assert [s for s, _ in saved] == sorted(s for s, _ in saved)
+    for seq, offsets in saved:
+        below = [
+            r for r in received if r.offset < offsets.get(r.partition, 0) and not r.batch.is_part
+        ]
+        covered = {s for r in below for s in range(r.batch.first_seq, r.batch.last_seq + 1)}
+        assert all(s in covered for s in range(1, seq + 1)), f"position {seq} claims too much"
+    _position_never_ahead(tmp_path, received)
+
+
+@pytest.mark.kafka
+async def test_trace_context_in_headers_and_span_per_message(
+    tmp_path: Path, kafka_bootstrap: str, new_topic: Callable[..., str]
+) -> None:
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    topic = new_topic(2)
+    wal = MemoryWal()
+    wal.append(2, traceparent=_TRACEPARENT)
+    wal.append(2)
+    pub = Publisher(
+        tmp_path,
+        topic=topic,
+        partitions=2,
+        producer_kwargs=_producer_kwargs(kafka_bootstrap),
+        writer_id=WRITER,
+        reader=wal,
+        linger_ms=50,
+        tracer_provider=provider,
+    )
+    async with pub:
+        await asyncio.wait_for(pub.run(until_caught_up=True), 30)
+    (span,) = [s for s in exporter.get_finished_spans() if s.name == "walship.publish"]
+    attrs = dict(span.attributes or {})
+    assert attrs["walship.first_seq"] == 1 and attrs["walship.last_seq"] == 4
+    assert attrs["walship.entries"] == 4 and attrs["walship.offset"] == 0
+    assert span.parent is not None
+    assert f"{span.parent.trace_id:032x}" == _TRACEPARENT.split("-")[1]
+    (r,) = await read_topic(kafka_bootstrap, topic, 2)
+    assert attrs["walship.partition"] == r.partition
+    traceparent = r.headers["traceparent"].decode()
+    assert traceparent.split("-")[1] == _TRACEPARENT.split("-")[1]
+    assert traceparent.split("-")[2] == f"{span.context.span_id:016x}"
