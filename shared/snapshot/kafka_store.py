@@ -52,6 +52,7 @@ log = logging.getLogger(__name__)
 
 PIECE_BYTES_DEFAULT = 900_000
 PIECES_HEADER = "wsnap-pieces"
+READ_AHEAD_BYTES = 32 << 20
 # Keys other than our own in the index's namespace are ignored, never fatal.
 _CLIENT_KEYS = frozenset(
     {
@@ -115,6 +116,8 @@ class KafkaSnapshotStore:
         self._index: dict[str, _Entry] = {}
         self._scanned = 0  # next offset of partition 0 not yet indexed
         self._begin = 0  # log start offset of partition 0 at the last scan
+        self._cache: dict[int, bytes] = {}  # read-ahead: offset -> value
+        self._cache_bytes = 0
         self._lock = asyncio.Lock()
 
     @classmethod
@@ -371,33 +374,42 @@ class KafkaSnapshotStore:
             return b"".join([await self._read_at(o, snapshot_id, index) for o in offsets])
 
     async def _read_at(self, offset: int, snapshot_id: str, index: int) -> bytes:
+        """The value at ``offset``; one fetch also caches the records after it, since a
+        loader reads a snapshot's chunks in log order."""
+        cached = self._cache.pop(offset, None)
+        if cached is not None:
+            self._cache_bytes -= len(cached)
+            return cached
         consumer = self._consumer
         assert consumer is not None
+
+        def gone() -> SnapshotCorruptError:
+            return SnapshotCorruptError(
+                "snapshot chunk is no longer in the topic (retention?)",
+                snapshot=snapshot_id,
+                chunk=index,
+                topic=self.topic,
+                offset=offset,
+            )
+
         async with kafka_errors("reading a snapshot chunk", topic=self.topic, offset=offset):
             consumer.seek(self._tp, offset)
             while True:
-                batch = await consumer.getmany(self._tp, timeout_ms=self.timeout_ms, max_records=1)
-                records = batch.get(self._tp, [])
+                batch = await consumer.getmany(self._tp, timeout_ms=self.timeout_ms)
+                records = [r for r in batch.get(self._tp, []) if r.offset >= offset]
+                if not batch.get(self._tp):
+                    raise gone()
                 if not records:
-                    raise SnapshotCorruptError(
-                        "snapshot chunk is no longer in the topic (retention?)",
-                        snapshot=snapshot_id,
-                        chunk=index,
-                        topic=self.topic,
-                        offset=offset,
-                    )
-                r = records[0]
-                if r.offset < offset:
                     continue
-                if r.offset != offset or r.value is None:
-                    raise SnapshotCorruptError(
-                        "snapshot chunk is no longer in the topic (retention?)",
-                        snapshot=snapshot_id,
-                        chunk=index,
-                        topic=self.topic,
-                        offset=offset,
-                    )
-                value: bytes = r.value
+                if records[0].offset != offset or records[0].value is None:
+                    raise gone()
+                self._cache.clear()
+                self._cache_bytes = 0
+                for r in records[1:]:
+                    if r.value is not None and self._cache_bytes + len(r.value) <= READ_AHEAD_BYTES:
+                        self._cache[r.offset] = r.value
+                        self._cache_bytes += len(r.value)
+                value: bytes = records[0].value
                 return value
 
     # --- deletion -----------------------------------------------------------
