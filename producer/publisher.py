@@ -276,6 +276,7 @@ class Publisher:
         self._position = await asyncio.to_thread(PublishedPosition.load, self.data_dir)
         self._tracker = AckTracker(self._position.seq, self._position.offsets)
         if self._writer_id is None or self._identity_mtime_ns is not None:
+            await self._wait_for_writer()
             self._identity_mtime_ns = -1
             self._refresh_identity()
         elif self._encoder is None:
@@ -289,6 +290,20 @@ class Publisher:
         self._stopping.clear()
         self._started = True
         _live.add(self)
+
+    async def _wait_for_writer(self) -> None:
+        """A sidecar may start before its writer ever ran: wait for the identity.
+
+        Exiting instead would make container restarts the way to order start-up.
+        """
+        path = self.data_dir / IDENTITY_NAME
+        if path.exists():
+            return
+        log.info("waiting for the writer to create %s", path)
+        while not path.exists():
+            if self._stopping.is_set():
+                return  # _refresh_identity then reports the missing identity
+            await asyncio.sleep(0.1)
 
     def _make_encoder(self, writer_id: WriterId) -> Encoder:
         return Encoder(

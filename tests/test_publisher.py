@@ -401,3 +401,27 @@ async def test_trace_context_in_headers_and_span_per_message(
     traceparent = r.headers["traceparent"].decode()
     assert traceparent.split("-")[1] == _TRACEPARENT.split("-")[1]
     assert traceparent.split("-")[2] == f"{span.context.span_id:016x}"
+
+
+@pytest.mark.kafka
+async def test_sidecar_started_before_its_writer_waits_for_it(
+    tmp_path: Path, kafka_bootstrap: str, new_topic: Callable[..., str]
+) -> None:
+    """A sidecar on an empty data dir waits for the writer instead of exiting."""
+    from walship.producer.writer import Writer
+
+    topic = new_topic(2)
+    pub = Publisher(
+        tmp_path, topic=topic, partitions=2, producer_kwargs=_producer_kwargs(kafka_bootstrap)
+    )
+    starting = asyncio.create_task(pub.start())
+    await asyncio.sleep(0.3)
+    assert not starting.done()
+    async with Writer(tmp_path) as writer:
+        txn = await writer.append([(Op.PUT, b"k", b"v")])
+    await asyncio.wait_for(starting, 10)
+    try:
+        await asyncio.wait_for(pub.run(until_caught_up=True), 30)
+        assert pub.published_seq == txn.last_seq
+    finally:
+        await pub.stop()
