@@ -320,3 +320,136 @@ async def test_scheduler_snapshots_every_n_seqs_and_keeps_newest(tmp_path: Path)
         assert len(listed) == 2 and listed[0].seq == last
         assert await sched.tick() is None  # nothing new
         assert digest_file(db).sha256 == listed[0].digest
+
+
+# --- integration: Writer + Publisher + Reader on the embedded cluster -------------------
+
+
+async def _append(writer: object, start: int, count: int) -> None:
+    rng = random.Random(start)
+    for i in range(start, start + count):
+        ops = [(Op.PUT, b"k%05d" % rng.randrange(3000), rng.randbytes(60)) for _ in range(5)]
+        if i % 7 == 0:
+            ops.append((Op.DELETE, b"k%05d" % rng.randrange(3000), b""))
+        await writer.append(ops)  # type: ignore[attr-defined]
+
+
+async def _publish(data_dir: Path, topic: str, servers: str) -> dict[int, int]:
+    from walship.producer.publisher import Publisher
+
+    async with Publisher(
+        data_dir, topic=topic, partitions=3, producer_kwargs={"bootstrap_servers": servers}
+    ) as pub:
+        await pub.run(until_caught_up=True)
+        return pub.offsets
+
+
+def _reader(path: Path, servers: str, topic: str, snaps: FileSnapshotStore, rid: str) -> object:
+    from walship.consumer.bootstrap import kafka_log_inspector
+    from walship.consumer.reader import Reader
+
+    kwargs = {"bootstrap_servers": servers}
+    applier = SqliteApplier(path)
+    boot = Bootstrapper.for_applier(
+        applier, snaps, topic=topic, inspect_log=kafka_log_inspector(topic, kwargs), progress=quiet
+    )
+    reader = Reader(
+        applier,
+        topic=topic,
+        reader_id=rid,
+        client_kwargs=kwargs,
+        bootstrap=boot,
+        gap_timeout_ms=1000,
+    )
+    reader.bootstrapper = boot  # type: ignore[attr-defined]
+    return reader
+
+
+@pytest.mark.kafka
+async def test_readers_bootstrap_after_the_log_start_moved(
+    tmp_path: Path, devcluster: object
+) -> None:
+    from walship.producer.writer import Writer
+    from walship.shared.devcluster import DevCluster
+    from walship.shared.snapshot.create import create_from_data_dir
+
+    assert isinstance(devcluster, DevCluster)
+    servers, topic = devcluster.bootstrap_servers, "boot-int"
+    devcluster.create_topic(topic, 3)
+    data = tmp_path / "writer"
+    snaps = FileSnapshotStore(tmp_path / "snaps")
+    async with Writer(data) as writer:
+        await _append(writer, 0, 300)
+        await _publish(data, topic, servers)
+        # Reader A follows up to here, then stops.
+        a = _reader(tmp_path / "a.db", servers, topic, snaps, "a")
+        async with a:  # type: ignore[attr-defined]
+            await asyncio.wait_for(a.run(until_caught_up=True), 60)  # type: ignore[attr-defined]
+        a_seq = digest_file(tmp_path / "a.db").seq
+        assert a_seq == writer.last_seq
+        await _append(writer, 300, 300)
+        await _publish(data, topic, servers)
+        m = await create_from_data_dir(data, snaps, topic=topic, partitions=3, chunk_keys=200)
+        await _append(writer, 600, 300)
+        await _publish(data, topic, servers)
+        final = writer.last_seq
+    expected = digest_file(data / "state.db")
+    assert expected.seq == final and m.seq < final
+    # Retention: the log start of every partition moves past reader A's position,
+    # up to exactly where the snapshot continues.
+    for p in range(3):
+        devcluster.truncate(topic, p, m.offsets.get(p, 0))
+    a = _reader(tmp_path / "a.db", servers, topic, snaps, "a")
+    async with a:  # type: ignore[attr-defined]
+        await asyncio.wait_for(a.run(until_seq=final), 90)  # type: ignore[attr-defined]
+    assert a.bootstrapper.loaded_chunks == len(m.chunks)  # type: ignore[attr-defined]
+    assert digest_file(tmp_path / "a.db") == expected
+    # A brand-new reader joining now bootstraps the same way (prepare, as the CLI does).
+    b = _reader(tmp_path / "b.db", servers, topic, snaps, "b")
+    cp = await b.bootstrapper.prepare()  # type: ignore[attr-defined]
+    assert cp is not None and cp.applied_seq == m.seq
+    async with b:  # type: ignore[attr-defined]
+        await asyncio.wait_for(b.run(until_seq=final), 90)  # type: ignore[attr-defined]
+    assert digest_file(tmp_path / "b.db") == expected
+    # And one that does not prepare: the reader finds the gap itself and calls the hook.
+    c = _reader(tmp_path / "c.db", servers, topic, snaps, "c")
+    async with c:  # type: ignore[attr-defined]
+        await asyncio.wait_for(c.run(until_seq=final), 90)  # type: ignore[attr-defined]
+    assert digest_file(tmp_path / "c.db") == expected
+
+
+async def test_snapshot_while_writes_continue_is_consistent(tmp_path: Path) -> None:
+    import threading
+
+    txns: list[Transaction] = []
+    seq = 1
+    rng = random.Random(3)
+    for _ in range(400):
+        ops = [(Op.PUT, b"k%04d" % rng.randrange(2000), rng.randbytes(30)) for _ in range(50)]
+        ops.append((Op.DELETE, b"k%04d" % rng.randrange(2000), b""))
+        txns.append(Transaction.of(seq, ops, seq))
+        seq = txns[-1].last_seq + 1
+    snaps = FileSnapshotStore(tmp_path / "snaps")
+    db = tmp_path / "live.db"
+    with ReplicaStore(db) as live:
+        live.apply([Batch.from_transactions(WRITER, txns[:100])], writer=WRITER)
+        stop = threading.Event()
+
+        def keep_writing() -> None:
+            for t in txns[100:]:
+                if stop.is_set():
+                    return
+                live.apply([Batch.from_transactions(WRITER, [t])], writer=WRITER)
+
+        worker = threading.Thread(target=keep_writing)
+        worker.start()
+        try:
+            m = await create_snapshot(live, snaps, topic=TOPIC, partitions=2, chunk_keys=50)
+        finally:
+            stop.set()
+            worker.join()
+    upto = next(i for i, t in enumerate(txns) if t.last_seq == m.seq)
+    with ReplicaStore(tmp_path / "ref.db") as ref:
+        ref.apply([Batch.from_transactions(WRITER, txns[: upto + 1])], writer=WRITER)
+        assert ref.digest().sha256 == m.digest
+    assert m.seq_timestamp_us in (0, txns[upto].timestamp_us)
