@@ -119,6 +119,23 @@ async def run_reader(
             )
             async with contextlib.AsyncExitStack() as stack:
                 await stack.enter_async_context(heartbeat)
+                if settings.snapshot_url and cfg.snapshot_every_seqs is not None:
+                    from walship.shared.snapshot import open_store
+                    from walship.shared.snapshot.create import SchedulePolicy, SnapshotScheduler
+
+                    # Replica snapshots: every N sequences applied, no timer.
+                    scheduler = SnapshotScheduler.for_replica(
+                        data_dir / "state.db",
+                        open_store(settings.snapshot_url, kwargs),
+                        topic=topic,
+                        partitions=settings.topic.partitions,
+                        policy=SchedulePolicy(
+                            every_seqs=cfg.snapshot_every_seqs,
+                            every_s=None,
+                            keep=settings.snapshot_keep,
+                        ),
+                    )
+                    await stack.enter_async_context(scheduler)
                 if cfg.http_port is not None:
                     from walship.shared.health import HealthServer
 

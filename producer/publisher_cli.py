@@ -12,7 +12,7 @@ import contextlib
 import json
 import signal
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 from walship.producer.publisher import Publisher
@@ -24,6 +24,9 @@ from walship.shared.cli.options import (
 )
 from walship.shared.kafka import TopicDescription, describe_topic, ensure_topic, topic_configs
 from walship.shared.settings import WalshipSettings
+
+if TYPE_CHECKING:
+    from walship.shared.snapshot.create import SnapshotScheduler
 
 
 def _topic_configs(settings: WalshipSettings) -> dict[str, str]:
@@ -54,6 +57,33 @@ def publisher_from_settings(settings: WalshipSettings, **overrides: Any) -> Publ
     return Publisher(settings.data_dir, **kwargs)
 
 
+def writer_snapshot_scheduler(settings: WalshipSettings) -> SnapshotScheduler | None:
+    """Periodic snapshots of the writer's state beside the publisher, when configured."""
+    p = settings.producer
+    if not settings.snapshot_url or (p.snapshot_every_seqs is None and p.snapshot_every_s is None):
+        return None
+    from walship.shared.snapshot import open_store
+    from walship.shared.snapshot.create import SchedulePolicy, SnapshotScheduler
+
+    store = open_store(
+        settings.snapshot_url,
+        settings.kafka.aiokafka_kwargs(),
+        replication_factor=settings.topic.replication_factor,
+    )
+    policy = SchedulePolicy(
+        every_seqs=p.snapshot_every_seqs,
+        every_s=None if p.snapshot_every_s is None else float(p.snapshot_every_s),
+        keep=settings.snapshot_keep,
+    )
+    return SnapshotScheduler.for_data_dir(
+        settings.data_dir,
+        store,
+        topic=settings.topic.name,
+        partitions=settings.topic.partitions,
+        policy=policy,
+    )
+
+
 async def _run_publisher(settings: WalshipSettings, until_caught_up: bool) -> int:
     from walship.shared.health import HealthServer
 
@@ -64,6 +94,9 @@ async def _run_publisher(settings: WalshipSettings, until_caught_up: bool) -> in
     try:
         async with contextlib.AsyncExitStack() as stack:
             await stack.enter_async_context(publisher)
+            scheduler = writer_snapshot_scheduler(settings)
+            if scheduler is not None:
+                await stack.enter_async_context(scheduler)
             port = settings.producer.http_port
             if port is not None:
                 server = HealthServer(port, health=publisher.health, ready=publisher.ready)

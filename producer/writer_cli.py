@@ -75,6 +75,7 @@ def load_cmd(
         fsync_interval_ms=p.fsync_interval_ms,
         segment_bytes_max=p.segment_bytes_max,
         wal_bytes_max=p.wal_bytes_max,
+        wal_release=p.wal_release,
     )
 
     async def go(progress: Progress) -> LoadResult:
@@ -98,8 +99,15 @@ def load_cmd(
         TextColumn("{task.completed:,}/{task.total:,}"),
         TimeRemainingColumn(),
     )
-    with Progress(*columns, transient=True, disable=as_json) as progress:
-        result = asyncio.run(go(progress))
+    from walship.shared.telemetry import setup_telemetry
+
+    # Appends are the roots of the batches' traces; shutdown flushes their spans.
+    telemetry = setup_telemetry("walship-writer")
+    try:
+        with Progress(*columns, transient=True, disable=as_json) as progress:
+            result = asyncio.run(go(progress))
+    finally:
+        telemetry.shutdown()
     summary = {
         "entries": result.entries,
         "txns": result.txns,

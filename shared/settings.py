@@ -313,6 +313,11 @@ class ProducerSettings(BaseModel):
         description="WAL size limit; appends fail (retriably) beyond it. Unset: no limit.",
     )
     segment_bytes_max: int = Field(default=64 << 20, ge=4096, description="WAL segment file size.")
+    wal_release: Literal["published", "snapshotted", "never"] = Field(
+        default="published",
+        description="When the writer deletes WAL segments: once published; once published and "
+        "covered by a writer snapshot (the WAL can then re-feed a topic that lost data); never.",
+    )
     snapshot_every_seqs: int | None = Field(
         default=100_000,
         ge=1,
@@ -445,6 +450,9 @@ class WalshipSettings(BaseSettings):
     snapshot_url: str | None = Field(
         default=None,
         description="Snapshot store: file:///absolute/dir or kafka://topic; none if unset.",
+    )
+    snapshot_keep: int = Field(
+        default=3, ge=1, description="Periodic snapshots keep only the newest this many."
     )
     telemetry: TelemetrySettings = Field(default_factory=TelemetrySettings)
     producer: ProducerSettings = Field(default_factory=ProducerSettings)

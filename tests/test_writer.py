@@ -153,3 +153,60 @@ def test_cli_writer_load_and_digest(tmp_path: Path) -> None:
     assert res.exit_code == 1 and "no store file" in res.output
     res = runner.invoke(cli_main, ["digest"], env=env)
     assert res.exit_code == 2
+
+
+def _segments(data_dir: Path) -> list[str]:
+    return sorted(p.name for p in (data_dir / "wal").glob("*.seg"))
+
+
+async def _fill(writer: Writer, txns: int) -> None:
+    for i in range(txns):
+        await writer.append([(Op.PUT, b"k%d" % i, b"v" * 2000)])
+
+
+async def test_wal_segments_released_once_published(tmp_path: Path) -> None:
+    from walship.producer.position import PublishedPosition
+
+    async with Writer(tmp_path, segment_bytes_max=8192, release_interval_s=3600) as writer:
+        await _fill(writer, 40)
+        before = _segments(tmp_path)
+        assert len(before) > 3
+        assert writer.release() == 0  # nothing published yet: everything is kept
+        PublishedPosition(tmp_path / "published.json").save(20, {0: 20})
+        released = writer.release()
+        after = _segments(tmp_path)
+        assert released == len(before) - len(after) > 0
+        # What remains still starts at or below seq 21: nothing unpublished is gone.
+        with WalReader(tmp_path / "wal") as reader:
+            assert reader.read_from(21, max_bytes=1 << 20)[0][0].first_seq == 21
+
+
+async def test_wal_release_waits_for_a_snapshot_when_asked(tmp_path: Path) -> None:
+    from walship.producer.position import PublishedPosition
+    from walship.shared.snapshot.create import record_snapshotted
+
+    async with Writer(
+        tmp_path, segment_bytes_max=8192, wal_release="snapshotted", release_interval_s=0.05
+    ) as writer:
+        await _fill(writer, 40)
+        PublishedPosition(tmp_path / "published.json").save(40, {0: 40})
+        count = len(_segments(tmp_path))
+        await asyncio.sleep(0.2)
+        assert len(_segments(tmp_path)) == count  # published, but no snapshot covers it
+        record_snapshotted(tmp_path, 30)
+        record_snapshotted(tmp_path, 10)  # never moves backwards
+        await asyncio.sleep(0.3)  # the background loop releases
+        assert len(_segments(tmp_path)) < count
+        with WalReader(tmp_path / "wal") as reader:
+            assert reader.read_from(31, max_bytes=1 << 20)[0][0].first_seq == 31
+
+
+async def test_wal_release_never_keeps_everything(tmp_path: Path) -> None:
+    from walship.producer.position import PublishedPosition
+
+    async with Writer(tmp_path, segment_bytes_max=8192, wal_release="never") as writer:
+        await _fill(writer, 20)
+        PublishedPosition(tmp_path / "published.json").save(20, {0: 20})
+        count = len(_segments(tmp_path))
+        assert writer.release() == 0
+        assert len(_segments(tmp_path)) == count

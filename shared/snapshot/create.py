@@ -237,7 +237,7 @@ async def create_from_data_dir(
         for attempt in range(attempts):
             position = PublishedPosition.load(Path(data_dir))
             try:
-                return await create_snapshot(
+                manifest = await create_snapshot(
                     store,
                     snapshot_store,
                     topic=topic,
@@ -248,11 +248,47 @@ async def create_from_data_dir(
                     chunk_keys=chunk_keys,
                     progress=progress,
                 )
+                await asyncio.to_thread(record_snapshotted, Path(data_dir), manifest.seq)
+                return manifest
             except StateBehindPositionError:
                 if attempt == attempts - 1:
                     raise
                 await asyncio.sleep(retry_s)
     raise AssertionError("unreachable")
+
+
+SNAPSHOTTED_NAME = "snapshotted.json"
+
+
+def record_snapshotted(data_dir: Path, seq: int) -> None:
+    """Note in the writer's data dir that a snapshot covers the state through ``seq``.
+
+    The writer reads it to release WAL segments only once a snapshot covers
+    them (``producer.wal_release = "snapshotted"``). Never moves backwards.
+    """
+    import json
+
+    from walship.producer.identity import write_atomic
+
+    if seq <= read_snapshotted(data_dir):
+        return
+    write_atomic(Path(data_dir) / SNAPSHOTTED_NAME, (json.dumps({"seq": seq}) + "\n").encode())
+
+
+def read_snapshotted(data_dir: Path) -> int:
+    """The highest seq a writer snapshot covers (0 when none was taken)."""
+    import json
+
+    path = Path(data_dir) / SNAPSHOTTED_NAME
+    try:
+        seq = json.loads(path.read_text(encoding="utf-8"))["seq"]
+    except FileNotFoundError:
+        return 0
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise SnapshotError(f"unreadable snapshot record: {exc}", path=str(path)) from exc
+    if not isinstance(seq, int) or seq < 0:
+        raise SnapshotError("snapshot record holds no valid seq", path=str(path))
+    return seq
 
 
 # --- periodic snapshots ------------------------------------------------------------
