@@ -369,6 +369,10 @@ class Reader:
             raise
         self._started = True
         _live_readers.add(self)
+        # Export the event counters at 0, so dashboards see them before the first event.
+        attrs = {"reader_id": self.reader_id}
+        for counter in (_duplicates, _gaps, _bootstraps):
+            counter.add(0, attrs)
         log.info(
             "reader %s started: topic %s, %d partitions, applied seq %d",
             self.reader_id,
@@ -668,12 +672,16 @@ class Reader:
         return _tracer.start_span(
             "walship.apply",
             context=context_from_traceparent(batch.traceparent),
+            kind=trace.SpanKind.CONSUMER,
             attributes={
                 "walship.topic": self.topic,
                 "walship.reader_id": self.reader_id,
                 "walship.first_seq": batch.first_seq,
                 "walship.last_seq": batch.last_seq,
                 "walship.entries": batch.entry_count,
+                # The publish span's names too, so the two compare directly.
+                "walship.partition": source.partition,
+                "walship.offset": source.offset,
                 "messaging.destination.partition.id": str(source.partition),
                 "messaging.kafka.offset": source.offset,
             },

@@ -88,16 +88,27 @@ _entries = _meter.create_counter(
 _bytes = _meter.create_counter(
     "walship.publish.bytes", unit="By", description="Message bytes acknowledged by Kafka"
 )
+# Explicit buckets: the SDK's defaults (0..10000) suit milliseconds, not these.
+_SIZE_BUCKETS_BYTES = [float(256 << (2 * i)) for i in range(8)]  # 256 B .. 4 MiB
+_RATIO_BUCKETS = [1, 1.5, 2, 3, 4, 6, 8, 12, 16, 32, 64]
+_LATENCY_BUCKETS_S = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30]
 _message_size = _meter.create_histogram(
-    "walship.publish.message.size", unit="By", description="Size of each produced message"
+    "walship.publish.message.size",
+    unit="By",
+    description="Size of each produced message",
+    explicit_bucket_boundaries_advisory=_SIZE_BUCKETS_BYTES,
 )
 _compression = _meter.create_histogram(
     "walship.publish.compression.ratio",
     unit="1",
     description="Uncompressed body bytes / message bytes, per message",
+    explicit_bucket_boundaries_advisory=_RATIO_BUCKETS,
 )
 _latency = _meter.create_histogram(
-    "walship.publish.latency", unit="s", description="From send to Kafka's acknowledgement"
+    "walship.publish.latency",
+    unit="s",
+    description="From send to Kafka's acknowledgement",
+    explicit_bucket_boundaries_advisory=_LATENCY_BUCKETS_S,
 )
 _retries = _meter.create_counter(
     "walship.publish.retries", unit="{retry}", description="Producer recreations after failures"
@@ -290,6 +301,8 @@ class Publisher:
         self._stopping.clear()
         self._started = True
         _live.add(self)
+        # Export the retry counter at 0, so a dashboard sees it before the first retry.
+        _retries.add(0, {"walship.topic": self.topic})
 
     async def _wait_for_writer(self) -> None:
         """A sidecar may start before its writer ever ran: wait for the identity.
@@ -618,6 +631,7 @@ class Publisher:
                 "walship.last_seq": msg.last_seq,
                 "walship.entries": msg.entry_count,
                 "walship.bytes": size,
+                "walship.body_bytes": msg.body_bytes,
                 "walship.partition": partition,
             },
         )
