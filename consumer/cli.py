@@ -72,8 +72,10 @@ async def run_reader(
     from walship.shared.kafka import client_kwargs
     from walship.shared.telemetry import setup_telemetry
 
-    telemetry = setup_telemetry("walship-reader")
     cfg = settings.consumer
+    telemetry = setup_telemetry(
+        f"{settings.telemetry.service_name}-reader", instance_id=cfg.reader_id
+    )
     topic = settings.topic.name
     kwargs = client_kwargs(settings.kafka)
     data_dir = Path(settings.data_dir)

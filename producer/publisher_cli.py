@@ -145,7 +145,7 @@ def producer_run(
         config=config,
         data_dir=data_dir,
     )
-    telemetry = setup_telemetry("walship-producer")
+    telemetry = setup_telemetry(f"{settings.telemetry.service_name}-producer")
     try:
         seq = asyncio.run(_run_publisher(settings, until_caught_up))
     finally:

@@ -102,7 +102,7 @@ def load_cmd(
     from walship.shared.telemetry import setup_telemetry
 
     # Appends are the roots of the batches' traces; shutdown flushes their spans.
-    telemetry = setup_telemetry("walship-writer")
+    telemetry = setup_telemetry(f"{settings.telemetry.service_name}-writer")
     try:
         with Progress(*columns, transient=True, disable=as_json) as progress:
             result = asyncio.run(go(progress))

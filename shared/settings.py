@@ -269,13 +269,10 @@ class TelemetrySettings(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     service_name: str = Field(
-        default="walship", min_length=1, description="service.name (OTEL_SERVICE_NAME wins if set)."
-    )
-    metrics_port: int | None = Field(
-        default=None,
-        ge=0,
-        le=65535,
-        description="Serve only /metrics on this port too; metrics are always on http_port.",
+        default="walship",
+        min_length=1,
+        description="Prefix of service.name: <prefix>-writer, -producer, -reader "
+        "(OTEL_SERVICE_NAME wins if set).",
     )
 
 

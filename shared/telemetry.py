@@ -139,16 +139,19 @@ def _otlp_metric_reader() -> MetricReader:
     return PeriodicExportingMetricReader(OTLPMetricExporter())
 
 
-def _resource(service_name: str) -> Resource:
+def _resource(service_name: str, instance_id: str | None) -> Resource:
     attributes: dict[str, Any] = {
         SERVICE_NAME: os.environ.get("OTEL_SERVICE_NAME") or service_name,
     }
+    if instance_id:
+        # Tells apart the readers of one stream in a trace (they share service.name).
+        attributes["service.instance.id"] = instance_id
     with contextlib.suppress(PackageNotFoundError):
         attributes[SERVICE_VERSION] = version("walship")
     return Resource.create(attributes)
 
 
-def setup_telemetry(service_name: str) -> Telemetry:
+def setup_telemetry(service_name: str, *, instance_id: str | None = None) -> Telemetry:
     """Configure tracing and metrics once per process; later calls return the same.
 
     Raises ConfigError for OTEL_* settings walship cannot honour.
@@ -182,7 +185,7 @@ def setup_telemetry(service_name: str) -> Telemetry:
             )
             readers.append((name, reader))
 
-        resource = _resource(service_name)
+        resource = _resource(service_name, instance_id)
         tracer_provider = TracerProvider(resource=resource)
         for _, exporter in span_exporters:
             tracer_provider.add_span_processor(BatchSpanProcessor(exporter))
