@@ -24,8 +24,8 @@ from typing import Any
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.errors import KafkaError
 from walship.consumer.reader import ReaderStatus
-from walship.shared.errors import KafkaOperationError, TopicMismatchError, WalshipError
-from walship.shared.kafka import describe_topic, ensure_topic, translate_kafka_error
+from walship.shared.errors import KafkaOperationError
+from walship.shared.kafka import describe_topic, ensure_side_topic, translate_kafka_error
 
 log = logging.getLogger(__name__)
 
@@ -116,38 +116,8 @@ class Heartbeat:
 
 
 async def ensure_readers_topic(client_kwargs: Mapping[str, Any], topic: str) -> None:
-    """Create ``<topic>.readers`` where the cluster allows it (compacted: latest per reader).
-
-    Any partition count will do (status reads them all). Clusters without
-    CreateTopics (the embedded one) or with too few brokers for a replication
-    factor of 3 fall back to 1, then to the broker's auto-creation on produce.
-    """
-    name = readers_topic(topic)
-    try:
-        await describe_topic(client_kwargs, name)
-        return
-    except KafkaOperationError:
-        pass  # missing: create it
-    except WalshipError as exc:
-        log.warning("cannot check the heartbeat topic %s: %s", name, exc)
-        return
-    reason: WalshipError | None = None
-    for replication_factor in (3, 1):
-        try:
-            await ensure_topic(
-                client_kwargs,
-                name,
-                1,
-                replication_factor,
-                create=True,
-                configs={"cleanup.policy": "compact"},
-            )
-            return
-        except TopicMismatchError:
-            return  # it appeared meanwhile, with another count: fine for heartbeats
-        except WalshipError as exc:
-            reason = exc
-    log.info("heartbeat topic %s not created (%s); relying on auto-creation", name, reason)
+    """Create ``<topic>.readers`` where the cluster allows it (compacted: latest per reader)."""
+    await ensure_side_topic(client_kwargs, readers_topic(topic))
 
 
 class HeartbeatPublisher:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
@@ -35,6 +36,8 @@ from walship.shared.errors import (
 
 if TYPE_CHECKING:
     from walship.shared.settings import KafkaConnection
+
+log = logging.getLogger(__name__)
 
 ADMIN_TIMEOUT_MS_DEFAULT = 15_000
 
@@ -451,3 +454,38 @@ async def abort_producer(producer: Any, *, timeout_s: float = PRODUCER_CLOSE_TIM
     # Nothing is left to deliver; a stuck close only leaks sockets until exit.
     with contextlib.suppress(Exception):
         await asyncio.wait_for(producer.stop(), timeout_s)
+
+
+async def ensure_side_topic(client_kwargs: Mapping[str, Any], name: str) -> None:
+    """Create a small compacted side topic (heartbeats, dictionaries) where allowed.
+
+    One partition, latest value per key. Clusters without CreateTopics (the
+    embedded one) or with too few brokers for a replication factor of 3 fall
+    back to 1, then to the broker's auto-creation on produce. Never raises for
+    a topic that already exists, whatever its partition count.
+    """
+    try:
+        await describe_topic(client_kwargs, name)
+        return
+    except KafkaOperationError:
+        pass  # missing: create it
+    except WalshipError as exc:
+        log.warning("cannot check the side topic %s: %s", name, exc)
+        return
+    reason: WalshipError | None = None
+    for replication_factor in (3, 1):
+        try:
+            await ensure_topic(
+                client_kwargs,
+                name,
+                1,
+                replication_factor,
+                create=True,
+                configs={"cleanup.policy": "compact"},
+            )
+            return
+        except TopicMismatchError:
+            return  # it appeared meanwhile
+        except WalshipError as exc:
+            reason = exc
+    log.info("side topic %s not created (%s); relying on auto-creation", name, reason)
