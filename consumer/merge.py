@@ -21,9 +21,12 @@ started from a copied data directory share stream id and epoch.
 
 For acknowledgements, the merger tracks per partition the next offset that is
 safe to commit: every message before it is applied or dropped. A batch
-reassembled from parts spans several offsets (``first_offset..offset``); the
-parts still held by the reader's ``PartAssembler`` were never offered, so the
-safe offset cannot pass them.
+reassembled from parts spans several offsets (``first_offset..offset``), and
+another writer's message may sit between its parts, so batches can be offered
+with a ``first_offset`` below offsets already seen. Parts still held by the
+reader's ``PartAssembler`` were never offered: the reader declares them with
+``hold`` and the safe offset never passes the first of them (committing past
+it would lose them on a restart, and the transaction with them).
 """
 
 from __future__ import annotations
@@ -127,6 +130,7 @@ class SequenceMerger:
         self._by_partition: dict[int, deque[_Item]] = {}
         self._next_offset_seen: dict[int, int] = {}
         self._committable: dict[int, int] = {}
+        self._holds: dict[int, int] = {}
         self._buffered_bytes: dict[int, int] = {}
         self._history: deque[_Applied] = deque()
         self._history_entries = 0
@@ -206,16 +210,18 @@ class SequenceMerger:
         if batch.entry_count == 0:
             raise ValueError(f"empty batch at partition {partition} offset {offset}")
         start = offset if first_offset is None else first_offset
+        if start > offset:
+            raise ValueError(f"first_offset {start} after offset {offset}")
         seen = self._next_offset_seen.get(partition)
-        if seen is not None and start < seen:
+        if seen is not None and offset < seen:
             raise ValueError(
-                f"partition {partition}: offset {start} offered after {seen - 1} (must increase)"
+                f"partition {partition}: offset {offset} offered after {seen - 1} (must increase)"
             )
         self._check_stream(batch, partition, offset)
         size = batch_nbytes(batch) if nbytes is None else nbytes
         item = _Item(partition, start, offset, batch, size)
         self._next_offset_seen[partition] = offset + 1
-        self._by_partition.setdefault(partition, deque()).append(item)
+        _insert_by_first_offset(self._by_partition.setdefault(partition, deque()), item)
         self._buffered_bytes[partition] = self._buffered_bytes.get(partition, 0) + size
         heapq.heappush(self._heap, (batch.first_seq, next(self._tiebreak), item))
         self.stats.offered += 1
@@ -229,6 +235,17 @@ class SequenceMerger:
         if seen is not None and offset < seen:
             raise ValueError(f"partition {partition}: offset {offset} skipped after {seen - 1}")
         self._next_offset_seen[partition] = offset + 1
+
+    def hold(self, partition: int, offset: int | None) -> None:
+        """Messages from ``offset`` on are held outside the merger (the parts of a split
+        transaction not complete yet): the safe offset stays at or below it. None releases.
+
+        Takes effect with the next ``take``.
+        """
+        if offset is None:
+            self._holds.pop(partition, None)
+        else:
+            self._holds[partition] = offset
 
     # --- output ------------------------------------------------------------
 
@@ -286,9 +303,9 @@ class SequenceMerger:
         items = self._by_partition.get(partition)
         while items and items[0].done:
             items.popleft()
-        if items:
-            return items[0].first_offset
-        return self._next_offset_seen[partition]
+        safe = items[0].first_offset if items else self._next_offset_seen[partition]
+        held = self._holds.get(partition)
+        return safe if held is None else min(safe, held)
 
     def _finish(self, item: _Item, touched: set[int]) -> None:
         item.done = True
@@ -367,6 +384,16 @@ class SequenceMerger:
                     f"{item.partition} offset {item.offset}",
                     other=self._describe_applied(applied),
                 )
+
+
+def _insert_by_first_offset(items: deque[_Item], item: _Item) -> None:
+    """Keep a partition's items ordered by first offset (the safe offset is the first
+    undone one's). Out of order only when a reassembled transaction's first part came
+    before another writer's message: rare, so a linear search from the right."""
+    i = len(items)
+    while i and items[i - 1].first_offset > item.first_offset:
+        i -= 1
+    items.insert(i, item)
 
 
 def _same_entries(a: Batch, b: Batch, lo: int, hi: int) -> bool:

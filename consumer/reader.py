@@ -300,7 +300,6 @@ class Reader:
         self._tps: list[TopicPartition] = []
         self._merger = SequenceMerger(0, 1)
         self._assemblers: dict[int, PartAssembler] = {}
-        self._part_start: dict[int, int] = {}
         self._paused: set[int] = set()
 
         self._group: list[Batch] = []
@@ -558,23 +557,19 @@ class Reader:
                 traceparent = _headers_traceparent(msg.headers)
                 if traceparent is not None:
                     batch = dataclasses.replace(batch, traceparent=traceparent)
-                whole = assembler.feed(batch)
+                whole = assembler.add(batch, msg.offset)
             except DecodeError as exc:
                 self._on_corrupt(partition, msg.offset, value, exc)
                 return
             self._last_seen_seq = max(self._last_seen_seq, batch.last_seq)
-            if batch.is_part:
-                if batch.part_index == 0:
-                    self._part_start[partition] = msg.offset
-                if whole is None:
-                    if not assembler.pending:
-                        merger.skip(partition, msg.offset)  # a stray part, dropped
-                    continue
-                first = self._part_start.pop(partition, msg.offset)
-                merger.offer(partition, msg.offset, whole, first_offset=first)
-            else:
-                self._part_start.pop(partition, None)
-                merger.offer(partition, msg.offset, batch)
+            # Never commit past a part still held: after a restart the transaction
+            # could not be reassembled without it (another writer's message between
+            # its parts is offered, and done, before the transaction completes).
+            merger.hold(partition, assembler.first_offset)
+            if whole is None:
+                merger.skip(partition, msg.offset)  # held (see hold) or a stray part
+                continue
+            merger.offer(partition, msg.offset, whole.batch, first_offset=whole.first_offset)
 
     def _on_corrupt(self, partition: int, offset: int, value: bytes, exc: DecodeError) -> None:
         first: int | None = None
@@ -622,6 +617,8 @@ class Reader:
             return
         before = self._merger.duplicates
         ready: Ready = self._merger.take(max(room, 1))
+        if ready.batches:
+            self._discard_applied_parts()
         if self._merger.duplicates > before:
             _duplicates.add(self._merger.duplicates - before, {"reader_id": self.reader_id})
         if ready.batches or ready.offsets:
@@ -631,6 +628,14 @@ class Reader:
             self._group_sources.extend(ready.sources)
             self._group_offsets.update(ready.offsets)
             self._group_entries += ready.entry_count
+
+    def _discard_applied_parts(self) -> None:
+        """Drop held parts of transactions the replica already applied (say an old epoch's
+        parts whose transaction the next epoch resent), so they stop holding the commit."""
+        applied = self._merger.applied_seq
+        for partition, assembler in self._assemblers.items():
+            if assembler.discard_through(applied):
+                self._merger.hold(partition, assembler.first_offset)
 
     async def _flush(self) -> None:
         """Apply the group (data + seq + offsets + writer in one transaction), then ack."""
@@ -808,7 +813,6 @@ class Reader:
         consumer = self._require()
         self._merger = SequenceMerger(cp.applied_seq, len(self._tps), writer=cp.writer)
         self._assemblers = {tp.partition: PartAssembler() for tp in self._tps}
-        self._part_start = {}
         self._group, self._group_sources, self._group_offsets = [], [], {}
         self._group_entries = 0
         self._group_since = None

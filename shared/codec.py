@@ -59,6 +59,7 @@ __all__ = [
     "HEADER_BYTES",
     "MAGIC",
     "MESSAGE_BYTES_MAX_DEFAULT",
+    "Assembled",
     "Codec",
     "Decoder",
     "EncodedMessage",
@@ -705,52 +706,107 @@ class Decoder:
 # --------------------------------------------------------------------------- parts
 
 
+@dataclass(frozen=True, slots=True)
+class Assembled:
+    """A whole batch out of :meth:`PartAssembler.add` and the offset of its first message
+    (its first part's offset when it was reassembled from parts)."""
+
+    batch: Batch
+    first_offset: int
+
+
+@dataclass(slots=True)
+class _Assembly:
+    parts: list[Batch]
+    first_offset: int
+    nbytes: int
+
+
 class PartAssembler:
     """Reassembles the parts of split transactions; one per partition, fed in offset order.
 
-    Whole batches pass through. A part 0 starts a transaction (dropping any
-    unfinished one: a publisher resending after a crash starts again at part 0);
-    a part that does not continue the one in progress is dropped with it, and the
-    reader's sequence merge then sees the gap and waits or re-fetches.
+    Whole batches pass through. Assemblies are kept per writer (stream and
+    epoch): a message from another writer never destroys one in progress. A
+    second writer's batch landing between the parts of a split transaction
+    must leave that transaction complete, so the reader's merger sees both and
+    reports the split brain (dropping the parts instead made the transaction
+    unrecoverable from this partition, and the reader waited for it forever).
+
+    For one writer, a publisher sends a transaction's parts back to back on one
+    partition, so anything else from the same writer ends the assembly: a part 0
+    starts it again (a publisher resending after a crash), a whole batch
+    abandons it, and a part that does not continue it is dropped with it (the
+    reader's sequence merge then sees the gap and waits or re-fetches).
+
+    An assembly of an older epoch whose publisher died mid-transaction is never
+    continued; the new epoch resends the transaction, and
+    :meth:`discard_through` drops the leftover once the replica applied it.
+    While parts are held, :attr:`first_offset` is the offset a reader must not
+    commit past: those messages are still needed.
     """
 
     def __init__(self, *, txn_bytes_max: int = 1 << 30) -> None:
         self._txn_bytes_max = txn_bytes_max
-        self._parts: list[Batch] = []
-        self._bytes = 0
+        self._assemblies: dict[WriterId, _Assembly] = {}
 
     @property
     def pending(self) -> bool:
         """True while a transaction is partly assembled."""
-        return bool(self._parts)
+        return bool(self._assemblies)
+
+    @property
+    def first_offset(self) -> int | None:
+        """Offset of the earliest part held (None when nothing is held)."""
+        return min((a.first_offset for a in self._assemblies.values()), default=None)
+
+    @property
+    def first_seq(self) -> int | None:
+        """First sequence of the earliest transaction held (None when nothing is held)."""
+        return min((a.parts[0].first_seq for a in self._assemblies.values()), default=None)
 
     def reset(self) -> None:
-        self._parts = []
-        self._bytes = 0
+        self._assemblies = {}
+
+    def discard_through(self, seq: int) -> bool:
+        """Drop assemblies of transactions starting at or before ``seq`` (already applied:
+        their parts could only repeat what the replica holds). True if any was dropped."""
+        stale = [w for w, a in self._assemblies.items() if a.parts[0].first_seq <= seq]
+        for w in stale:
+            del self._assemblies[w]
+        return bool(stale)
 
     def feed(self, batch: Batch) -> Batch | None:
+        """:meth:`add` without offsets: the whole batch, or None while parts are missing."""
+        out = self.add(batch, -1)
+        return out.batch if out is not None else None
+
+    def add(self, batch: Batch, offset: int) -> Assembled | None:
+        """Feed the message read at ``offset``; a whole batch when one is complete."""
+        writer = batch.writer
         if not batch.is_part:
-            self.reset()
-            return batch
+            self._assemblies.pop(writer, None)
+            return Assembled(batch, offset)
+        current = self._assemblies.get(writer)
         if batch.part_index == 0:
-            self.reset()
-        elif not self._parts or not _continues(self._parts[-1], batch):
-            self.reset()
+            current = _Assembly([], offset, 0)
+            self._assemblies[writer] = current
+        elif current is None or not _continues(current.parts[-1], batch):
+            self._assemblies.pop(writer, None)
             return None
-        self._bytes += sum(map(len, batch.values)) + sum(map(len, batch.keys))
-        if self._bytes > self._txn_bytes_max:
-            first = self._parts[0].first_seq if self._parts else batch.first_seq
+        current.nbytes += sum(map(len, batch.values)) + sum(map(len, batch.keys))
+        held = sum(a.nbytes for a in self._assemblies.values())
+        if held > self._txn_bytes_max:
+            first = current.parts[0].first_seq if current.parts else batch.first_seq
             self.reset()
             raise DecodeError(
                 f"transaction split in parts exceeds txn_bytes_max {self._txn_bytes_max}",
                 first_seq=first,
             )
-        self._parts.append(batch)
+        current.parts.append(batch)
         if batch.part_index + 1 < batch.part_count:
             return None
-        parts, self._parts = self._parts, []
-        self._bytes = 0
-        return _join(parts)
+        del self._assemblies[writer]
+        return Assembled(_join(current.parts), current.first_offset)
 
 
 def _continues(prev: Batch, nxt: Batch) -> bool:

@@ -342,13 +342,72 @@ def test_part_assembler_handles_resends_and_foreign_parts() -> None:
     whole = Decoder().decode(Encoder(WRITER).encode(make_txns(1, 1, 2))[0].value)
     assert a.feed(parts[0]) is None
     assert a.feed(whole) is whole and not a.pending
-    # a new writer epoch's parts do not continue the old epoch's
+    # a new writer epoch's parts do not continue the old epoch's (and do not destroy them)
     epoch2 = [
         Decoder().decode(m.value)
         for m in Encoder(WriterId(WRITER.stream_id, 8), message_bytes_max=1500).encode([BIG_TXN])
     ]
     assert a.feed(parts[0]) is None
-    assert a.feed(epoch2[1]) is None and not a.pending
+    assert a.feed(epoch2[1]) is None and a.pending
+    assert a.first_seq == BIG_TXN.first_seq
+    # the old epoch's leftover goes once the replica applied that transaction
+    assert not a.discard_through(BIG_TXN.first_seq - 1) and a.pending
+    assert a.discard_through(BIG_TXN.first_seq) and not a.pending
+
+
+def rogue(txns: Sequence[Transaction], epoch: int, message_bytes_max: int = 1 << 20) -> list[Batch]:
+    """The same sequences with other content, published by a second writer."""
+    forged = [
+        Transaction(t.first_seq, t.ops, t.keys, [v + b"!" for v in t.values], t.timestamp_us)
+        for t in txns
+    ]
+    enc = Encoder(WriterId(WRITER.stream_id, epoch), message_bytes_max=message_bytes_max)
+    return [Decoder().decode(m.value) for m in enc.encode(forged)]
+
+
+def test_part_assembler_keeps_parts_across_a_foreign_whole_batch() -> None:
+    """A second writer's batch between the parts of a split transaction leaves it intact."""
+    parts = split(BIG_TXN, 1500)
+    (foreign,) = rogue([BIG_TXN], epoch=3)
+    a = PartAssembler()
+    assert a.add(parts[0], 10) is None and a.add(parts[1], 11) is None
+    assert a.first_offset == 10
+    out = a.add(foreign, 12)
+    assert out is not None and out.batch is foreign and out.first_offset == 12
+    assert a.pending and a.first_offset == 10  # still needed: a reader must not commit past 10
+    results = [a.add(p, 13 + i) for i, p in enumerate(parts[2:])]
+    assert results[:-1] == [None] * (len(parts) - 3)
+    last = results[-1]
+    assert last is not None and last.first_offset == 10
+    assert [norm(t) for t in last.batch.transactions()] == [norm(BIG_TXN)]
+    assert not a.pending and a.first_offset is None
+
+
+def test_part_assembler_keeps_two_writers_parts_apart() -> None:
+    """A second writer's split transaction interleaved with the real one: both complete."""
+    parts = split(BIG_TXN, 1500)
+    foreign = rogue([BIG_TXN], epoch=9, message_bytes_max=2500)
+    assert len(foreign) > 1
+    a = PartAssembler()
+    done = [a.add(parts[0], 0), *(a.add(f, 1 + i) for i, f in enumerate(foreign))]
+    done += [a.add(p, 100 + i) for i, p in enumerate(parts[1:])]
+    whole = [d for d in done if d is not None]
+    assert [(d.batch.writer.epoch, d.first_offset) for d in whole] == [(9, 1), (WRITER.epoch, 0)]
+    assert [norm(t) for t in whole[1].batch.transactions()] == [norm(BIG_TXN)]
+    assert whole[0].batch.values != whole[1].batch.values
+    assert not a.pending
+
+
+def test_part_assembler_same_writer_restarts_and_abandons() -> None:
+    """The same writer's part 0 restarts its assembly; its whole batch abandons it."""
+    parts = split(BIG_TXN, 1500)
+    a = PartAssembler()
+    a.add(parts[0], 0)
+    a.add(parts[1], 1)
+    assert a.add(parts[0], 2) is None and a.first_offset == 2
+    (whole,) = [Decoder().decode(m.value) for m in Encoder(WRITER).encode([BIG_TXN])]
+    out = a.add(whole, 3)
+    assert out is not None and out.batch is whole and not a.pending
 
 
 @settings(max_examples=60, deadline=None)

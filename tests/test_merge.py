@@ -126,6 +126,45 @@ def test_reassembled_parts_hold_the_commit_offset_at_their_first_part() -> None:
     assert offsets == {0: 6, 1: 1}
 
 
+def test_held_parts_cap_the_commit_offset() -> None:
+    """Parts the reader still holds keep the safe offset at the first of them, even when
+    another writer's message after them is offered (and dropped) first."""
+    txns = make_txns([3, 3, 3])
+    b1, b2, b3 = cut(STREAM, txns, [1, 2])
+    m = SequenceMerger(0, 1)
+    m.offer(0, 0, b1)
+    m.hold(0, 1)  # part 0 of b2's transaction at offset 1, part 1 at 2
+    m.skip(0, 1)
+    m.skip(0, 2)
+    resend = cut(WriterId(STREAM.stream_id, 2), txns[:1], [])[0]  # a duplicate of b1
+    m.offer(0, 3, resend)
+    out, offsets = m.take_ready(100)
+    assert entries(out) == entries([b1]) and offsets == {0: 1}
+    assert m.duplicates == 1  # done, yet the commit stays before the held parts
+    m.skip(0, 4)  # a stray message: still capped
+    assert m.take_ready(100) == ([], {})
+    m.hold(0, None)  # the last part at 5 completes the transaction (first part at 1)
+    m.offer(0, 5, b2, first_offset=1)
+    m.offer(0, 6, b3)
+    out, offsets = m.take_ready(100)
+    assert entries(out) == entries([b2, b3]) and offsets == {0: 7}
+
+
+def test_offered_out_of_offset_order_keeps_the_safe_offset_at_the_earliest() -> None:
+    txns = make_txns([3, 3, 3])
+    b1, b2, b3 = cut(STREAM, txns, [1, 2])
+    m = SequenceMerger(0, 1)
+    m.offer(0, 4, b3)  # waits for 1..6
+    m.offer(0, 5, b2, first_offset=2)  # its parts started before b3's offset
+    assert m.take_ready(100) == ([], {0: 2})
+    with pytest.raises(ValueError, match="first_offset"):
+        m.offer(0, 7, b1, first_offset=8)
+    m2 = SequenceMerger(0, 1)
+    m2.offer(0, 4, b3)
+    with pytest.raises(ValueError, match="must increase"):
+        m2.offer(0, 4, b2, first_offset=2)
+
+
 def test_offsets_must_increase_per_partition() -> None:
     b = cut(STREAM, make_txns([1]), [])[0]
     m = SequenceMerger(0, 1)
