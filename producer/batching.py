@@ -143,7 +143,8 @@ class AckTracker:
     a message id; acknowledgements (:meth:`acked`) may arrive in any order.
     :attr:`acked_seq` only moves over a prefix of acknowledged messages and
     only to the end of a transaction; :attr:`offsets` then holds, per
-    partition, the offset after the last acknowledged message of that prefix.
+    partition, the offset after the last acknowledged message of that prefix
+    (or a partition's end offset, see :meth:`caught_up_at`).
 
     Registered messages are dense: each starts right after the previous one,
     or, within a transaction split into parts, at the previous one's last
@@ -158,6 +159,7 @@ class AckTracker:
         self._first_id = 0  # id of self._queue[0]
         self._sent_seq = acked_seq
         self._open_txn = False  # the last registered message did not end its transaction
+        self._sent_count = 0
 
     @property
     def acked_seq(self) -> int:
@@ -171,6 +173,11 @@ class AckTracker:
     def sent_seq(self) -> int:
         """The last sequence handed to Kafka (acknowledged or not)."""
         return self._sent_seq
+
+    @property
+    def sent_count(self) -> int:
+        """How many messages were ever registered with :meth:`sent`."""
+        return self._sent_count
 
     @property
     def in_flight(self) -> int:
@@ -192,6 +199,7 @@ class AckTracker:
         self._by_id[msg_id] = item
         self._sent_seq = last_seq
         self._open_txn = not ends_txn
+        self._sent_count += 1
         return msg_id
 
     def acked(self, msg_id: int, offset: int) -> bool:
@@ -222,6 +230,43 @@ class AckTracker:
             )
             self._acked_seq = item.last_seq
         return True
+
+    def caught_up(self, wal_last_seq: int) -> bool:
+        """Nothing in flight and everything durable in the WAL acknowledged."""
+        return not self._queue and self._sent_seq == self._acked_seq >= wal_last_seq
+
+    def caught_up_at(
+        self, end_offsets: Mapping[int, int], *, wal_last_seq: int, sent_count: int
+    ) -> bool:
+        """Move :attr:`offsets` up to the partitions' ``end_offsets`` read while caught up.
+
+        Offsets otherwise move only when a message of the acknowledged prefix
+        lands on a partition. Messages a crashed session left there (sent, never
+        acknowledged as a prefix, then resent elsewhere) sit past them, and on an
+        idle stream retention eventually deletes past the recorded offset: no
+        snapshot carrying it connects with the log any more, although nothing a
+        reader needs is missing.
+
+        Safe because, with one publisher per WAL and nothing in flight, every
+        message on the topic holds sequences <= ``acked_seq``: this session sent
+        nothing beyond it, and earlier sessions sent only what was durable then,
+        which is <= ``wal_last_seq`` <= ``acked_seq``. Later sequences can only
+        land at or after these end offsets, which is all the offsets promise.
+
+        ``end_offsets`` must have been read after the caller saw this tracker
+        caught up (``wal_last_seq`` and :attr:`sent_count` read then); if anything
+        was sent since, even if acknowledged or forgotten by :meth:`reset`, they
+        may cover sequences beyond the prefix and are ignored. Returns whether an
+        offset moved.
+        """
+        if sent_count != self._sent_count or not self.caught_up(wal_last_seq):
+            return False
+        moved = False
+        for p, end in end_offsets.items():
+            if end > self._offsets.get(p, 0):
+                self._offsets[p] = end
+                moved = True
+        return moved
 
     def reset(self) -> int:
         """Forget everything in flight (the producer is gone); return the seq to resend from."""

@@ -11,7 +11,11 @@ It runs in the writer's process or as a sidecar on the same data directory
 4. send with an idempotent producer (``acks="all"``), keeping up to
    ``in_flight_bytes_max`` bytes unacknowledged;
 5. fold acknowledgements (out of order across partitions) into the contiguous
-   published prefix and record it durably in ``published.json``.
+   published prefix and record it durably in ``published.json``;
+6. once caught up (nothing in flight, the whole WAL acknowledged), record the
+   partitions' end offsets there too (``AckTracker.caught_up_at`` says why
+   that is safe), so that writer snapshots of an idle stream still connect
+   with a log whose retention passed the last message of the prefix.
 
 When Kafka is slow or down, the WAL keeps growing and the publisher waits and
 retries with exponential backoff. Any failed send throws the producer away (an
@@ -70,12 +74,21 @@ from walship.shared.errors import (
     WalshipError,
     translate_os_error,
 )
-from walship.shared.kafka import abort_producer, ensure_topic, kafka_errors, translate_kafka_error
+from walship.shared.kafka import (
+    abort_producer,
+    describe_topic,
+    ensure_topic,
+    kafka_errors,
+    translate_kafka_error,
+)
 from walship.shared.model import WriterId
 
 log = logging.getLogger(__name__)
 
 SEQ_HEADER = "walship-seq"
+# While idle, end offsets are read again now and then: a message a discarded
+# producer still had on the wire may land after the first read.
+END_OFFSETS_REFRESH_S = 60.0
 # Trace contexts of other transactions in a message, linked from its span.
 _SPAN_LINKS_MAX = 16
 
@@ -250,6 +263,9 @@ class Publisher:
         self.retries = 0
         self._fatal: WalshipError | None = None
         self._last_error: str | None = None
+        # (acked_seq, sent_count) when end offsets were last read, and when.
+        self._ends_read_for: tuple[int, int] | None = None
+        self._ends_read_at = 0.0
 
     # -- configuration ---------------------------------------------------------
 
@@ -476,6 +492,8 @@ class Publisher:
                         await asyncio.wait_for(self._stopping.wait(), delay)
             if self._producer is not None and self._failure is None:
                 await self._drain()
+                if until_caught_up:  # a snapshot taken next gets offsets that connect
+                    await self._record_end_offsets()
         finally:
             # Never cancelled mid-save (the thread would go on writing): asked to end.
             self._saver_stop.set()
@@ -741,9 +759,41 @@ class Publisher:
                 await asyncio.wait_for(self._saver_stop.wait(), self._position_interval_s)
             try:
                 await self._save_position()
+                if await self._record_end_offsets():
+                    await self._save_position()
             except WalshipError as exc:
                 # Kept in memory; the next save tries again (and stop() reports it).
                 log.error("cannot save the published position: %s", exc)
+
+    async def _record_end_offsets(self) -> bool:
+        """Caught up: read the partitions' end offsets into the tracker (True if one moved).
+
+        See ``AckTracker.caught_up_at``: offsets otherwise move only with the
+        acknowledged prefix, and messages of a crashed session can sit past them
+        until retention deletes past them on an idle stream. Read once per idle
+        period (and again every ``END_OFFSETS_REFRESH_S``); the tracker ignores
+        the answer if anything was sent while it was on its way.
+        """
+        tracker, reader = self._tracker, self._reader
+        if reader is None or self._producer is None:
+            return False
+        wal_last_seq = int(reader.last_seq)
+        if not tracker.caught_up(wal_last_seq):
+            return False
+        key = (tracker.acked_seq, tracker.sent_count)
+        now = time.monotonic()
+        if key == self._ends_read_for and now - self._ends_read_at < END_OFFSETS_REFRESH_S:
+            return False
+        try:
+            description = await describe_topic(self._admin_kwargs, self.topic)
+        except WalshipError as exc:
+            log.debug("reading end offsets failed (retried when idle again): %s", exc)
+            return False
+        self._ends_read_for, self._ends_read_at = key, now
+        ends = {p: o for p, o in description.end_offsets.items() if p < self.partitions}
+        return tracker is self._tracker and tracker.caught_up_at(
+            ends, wal_last_seq=wal_last_seq, sent_count=key[1]
+        )
 
     async def _save_position(self) -> None:
         """Record the acknowledged prefix durably (fsync in a thread, one save at a time)."""
@@ -752,11 +802,14 @@ class Publisher:
             if position is None:
                 return
             seq, offsets = self._tracker.acked_seq, self._tracker.offsets
-            if seq <= position.seq:
+            saved = position.offsets
+            moved = any(o > saved.get(p, 0) for p, o in offsets.items())
+            if seq <= position.seq and not moved:
                 return
+            advanced = seq > position.seq
             # Shielded: a cancelled caller must not leave a save running unlocked.
             await asyncio.shield(asyncio.to_thread(position.save, seq, offsets))
-        if self._on_published is not None:
+        if advanced and self._on_published is not None:
             self._on_published(seq)
 
 

@@ -10,6 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from aiokafka import AIOKafkaProducer
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from publisher_helpers import WRITER, MemoryWal, Received, entries_by_seq, read_topic
@@ -23,8 +24,10 @@ from walship.producer.batching import (
 from walship.producer.position import FILE_NAME, PublishedPosition
 from walship.producer.publisher import SEQ_HEADER, Publisher
 from walship.producer.wal import WalWriter
-from walship.shared.codec import message_key, partition_for
+from walship.shared.codec import Encoder, message_key, partition_for
+from walship.shared.devcluster import DevCluster
 from walship.shared.errors import WalError
+from walship.shared.kafka import describe_topic
 from walship.shared.model import Op, Transaction
 
 _TRACEPARENT = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
@@ -141,6 +144,29 @@ def test_tracker_reset_resends_from_acked() -> None:
         t.acked(late, 1)  # a discarded message's late acknowledgement
     assert t.acked(t.sent(3, 3, partition=0, ends_txn=True), 1)
     assert (t.acked_seq, t.offsets) == (3, {0: 2, 1: 1})
+
+
+def test_tracker_records_end_offsets_only_when_caught_up() -> None:
+    t = AckTracker(acked_seq=4, offsets={0: 2, 1: 3})
+    assert t.caught_up(wal_last_seq=4) and not t.caught_up(wal_last_seq=5)
+    count = t.sent_count
+    # a crashed session left messages after offset 3 on partition 1
+    assert t.caught_up_at({0: 2, 1: 7}, wal_last_seq=4, sent_count=count)
+    assert t.offsets == {0: 2, 1: 7}
+    assert not t.caught_up_at({0: 2, 1: 7}, wal_last_seq=4, sent_count=count)  # nothing moved
+    assert not t.caught_up_at({0: 9, 1: 9}, wal_last_seq=5, sent_count=count)  # WAL ahead
+    # a send while the end offsets were on their way: they may cover seqs beyond 4
+    msg = t.sent(5, 5, partition=0, ends_txn=True)
+    assert not t.caught_up_at({0: 9}, wal_last_seq=4, sent_count=count)  # in flight
+    t.acked(msg, 2)
+    assert not t.caught_up_at({0: 9}, wal_last_seq=4, sent_count=count)  # acked since
+    count = t.sent_count
+    t.sent(6, 6, partition=0, ends_txn=True)
+    t.reset()  # the producer was thrown away, the message may still have landed
+    assert t.caught_up(wal_last_seq=5)
+    assert not t.caught_up_at({0: 9}, wal_last_seq=5, sent_count=count)
+    assert t.caught_up_at({0: 9}, wal_last_seq=5, sent_count=t.sent_count)
+    assert (t.acked_seq, t.offsets) == (5, {0: 9, 1: 7})
 
 
 @settings(max_examples=200, deadline=None)
@@ -425,3 +451,64 @@ async def test_sidecar_started_before_its_writer_waits_for_it(
         assert pub.published_seq == txn.last_seq
     finally:
         await pub.stop()
+
+
+@pytest.mark.kafka
+async def test_idle_publisher_records_end_offsets_so_writer_snapshots_connect(
+    tmp_path: Path, devcluster: DevCluster
+) -> None:
+    """Messages a crashed session left after the published position do not move it; on an
+    idle stream the caught-up publisher records the partitions' end offsets instead, so a
+    log start that retention moved past the prefix's last message still connects."""
+    topic = "idle"
+    devcluster.create_topic(topic, 2)
+    kwargs = _producer_kwargs(devcluster.bootstrap_servers)
+    wal = MemoryWal()
+    for _ in range(20):
+        wal.append(2)
+
+    def publisher() -> Publisher:
+        return Publisher(
+            tmp_path,
+            topic=topic,
+            partitions=2,
+            producer_kwargs=kwargs,
+            writer_id=WRITER,
+            reader=wal,
+            batch_bytes_max=200,
+            position_interval_ms=10,
+        )
+
+    async with publisher() as pub:
+        await asyncio.wait_for(pub.run(until_caught_up=True), 60)
+    first = PublishedPosition.load(tmp_path)
+    assert first.seq == wal.last_seq and set(first.offsets) == {0, 1}
+    # A session that resent from an older position and crashed before its acks counted.
+    encoder = Encoder(WRITER, message_bytes_max=4096)
+    producer = AIOKafkaProducer(bootstrap_servers=devcluster.bootstrap_servers)
+    await producer.start()
+    try:
+        for m in encoder.encode([txn for txn, _ in wal.txns[10:]]):
+            await producer.send_and_wait(topic, m.value, key=m.key, partition=1)
+    finally:
+        await producer.stop()
+    ends = (await describe_topic(kwargs, topic)).end_offsets
+    assert ends[1] > first.offsets[1]
+
+    async with publisher() as pub:
+        running = asyncio.create_task(pub.run())
+        async with asyncio.timeout(30):
+            # Polling on purpose: the saved file is what a writer snapshot reads.
+            while PublishedPosition.load(tmp_path).offsets != ends:  # noqa: ASYNC110
+                await asyncio.sleep(0.02)
+        await pub.stop()
+        await running
+    position = PublishedPosition.load(tmp_path)
+    assert position.seq == wal.last_seq  # nothing was resent: the WAL was published
+    assert (await describe_topic(kwargs, topic)).end_offsets == ends
+
+    # Retention deletes everything on partition 1: the recorded offsets still connect.
+    devcluster.truncate(topic, 1, ends[1])
+    log_start = (await describe_topic(kwargs, topic)).beginning_offsets
+    assert log_start[1] == ends[1] > first.offsets[1]
+    assert all(position.offsets[p] >= log_start[p] for p in (0, 1))
