@@ -110,9 +110,22 @@ class CommitsTooFar(SequenceMerger):
         return batches, dict(self._next_offset_seen)
 
 
+class IgnoresHeldParts(SequenceMerger):
+    """Commits past parts the reader still holds (lost after a restart: rules 2/5)."""
+
+    def hold(self, partition: int, offset: int | None) -> None:
+        pass
+
+
 @pytest.mark.parametrize(
     ("broken", "expect"),
-    [(SkipsGaps, "(d)"), (Duplicates, "(d)"), (Tampers, "(a)"), (CommitsTooFar, "(c)")],
+    [
+        (SkipsGaps, "(d)"),
+        (Duplicates, "(d)"),
+        (Tampers, "(a)"),
+        (CommitsTooFar, "(c)"),
+        (IgnoresHeldParts, "(c)"),
+    ],
 )
 def test_broken_merger_is_caught(broken: MergerFactory, expect: str) -> None:
     failures = [
@@ -145,24 +158,31 @@ def test_cli_runs_seeds(capsys: pytest.CaptureFixture[str]) -> None:
     assert "3 seeds, 0 failed" in out
 
 
-# --- known issues the simulation found (strict xfail: these start passing once fixed) ---
+# --- issues the simulation found, replayed ---------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a second writer's message between the parts of a split transaction makes "
-    "PartAssembler drop them: the reader stalls silently instead of reporting a split brain",
-)
-def test_known_issue_rogue_message_between_parts() -> None:
+def test_rogue_message_between_parts_leaves_the_transaction_whole() -> None:
+    """A second writer's batch between the parts of a split transaction used to make
+    PartAssembler drop them: the reader stalled silently. Now the parts survive it,
+    the reader never commits past them, and every reader ends caught up."""
     r = run_seed(26819, 3000, variant=Variant(rogue_between_parts=True))
     assert r.ok, r.report()
+    assert r.stats.get("rogue_batches") == 1
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="publisher offsets of a partition only move with a newer published message there; "
-    "once retention passes them on an idle stream no writer snapshot connects",
-)
-def test_known_issue_idle_stream_snapshot_never_connects() -> None:
-    r = run_seed(73, 1000, variant=Variant(idle_end=True))
+def test_rogue_between_parts_seeds_pass() -> None:
+    failed = [
+        r
+        for seed in range(150)
+        if not (r := run_seed(seed, 1000, variant=Variant(rogue_between_parts=True))).ok
+    ]
+    assert not failed, "\n\n".join(r.report() for r in failed[:3])
+
+
+def test_idle_stream_writer_snapshot_connects() -> None:
+    """Seed 73 ends idle with retention past the publisher's last acked message on a
+    partition (later messages there came from a crashed session). The caught-up
+    publisher records the end offsets, so the final writer snapshot connects."""
+    r = run_seed(73, 1000)
     assert r.ok, r.report()
+    assert r.stats.get("retention_truncations", 0) > 0

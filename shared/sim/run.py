@@ -26,15 +26,12 @@ TRACE_TAIL = 40
 
 @dataclass(frozen=True)
 class Variant:
-    """Switches that reproduce known issues (off in CI); part of the replay command."""
+    """Switches that steer a run to a rare situation (off in CI); part of the replay command."""
 
     rogue_between_parts: bool = False
-    idle_end: bool = False
 
     def flags(self) -> str:
-        return ("--rogue-between-parts " if self.rogue_between_parts else "") + (
-            "--idle-end " if self.idle_end else ""
-        )
+        return "--rogue-between-parts " if self.rogue_between_parts else ""
 
 
 @dataclass
@@ -105,7 +102,6 @@ def run_seed(
             faults=faults,
             trace_keep=None if full_trace else TRACE_KEEP,
             rogue_between_parts=variant.rogue_between_parts,
-            idle_end=variant.idle_end,
         )
         world = World(config, merger_factory)
         result.shape = world.shape
@@ -145,11 +141,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         action="store_true",
         help="make the second writer's message land between the parts of a split transaction",
     )
-    ap.add_argument(
-        "--idle-end",
-        action="store_true",
-        help="no more writes in the quiescent phase (writer snapshots may never connect)",
-    )
     args = ap.parse_args(argv)
     count = 1 if args.seeds is None else args.seeds
     seeds = range(args.seed, args.seed + count)
@@ -161,7 +152,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print("\n".join(r.trace))
 
     started = time.perf_counter()
-    variant = Variant(rogue_between_parts=args.rogue_between_parts, idle_end=args.idle_end)
+    variant = Variant(rogue_between_parts=args.rogue_between_parts)
     results = []
     for seed in seeds:
         r = run_seed(seed, args.steps, full_trace=args.trace, variant=variant)

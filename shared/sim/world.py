@@ -47,7 +47,6 @@ class MergerFactory(Protocol):
 State = dict[bytes, bytes]
 
 TRACE_KEEP = 400
-QUIESCE_TXNS_MAX = 500
 
 
 class InvariantViolation(Exception):
@@ -65,10 +64,9 @@ class SimConfig:
     steps: int = 1000
     faults: bool = True
     trace_keep: int | None = TRACE_KEEP  # None keeps the whole trace
-    # Make the rogue writer's message land between the parts of a split transaction.
+    # Make the rogue writer wait for a moment between the parts of a split transaction
+    # (otherwise it publishes whenever its event fires, between parts or not).
     rogue_between_parts: bool = False
-    # End without further writes: shows writer snapshots that never connect again.
-    idle_end: bool = False
     # Fault kinds that are rare by design; each seed enables them with these odds.
     log_corruption_seed_share: float = 0.15
     rogue_writer_seed_share: float = 0.08
@@ -252,7 +250,14 @@ class InFlight:
 
 class SimPublisher:
     """WAL -> Kafka through the real ``AckTracker``: the position advances only over
-    the contiguous acked prefix (to a transaction end); offsets are those it records."""
+    the contiguous acked prefix (to a transaction end); offsets are those it records.
+
+    Like the real save loop, a caught-up publisher also reads the partitions' end
+    offsets and records them (``AckTracker.caught_up_at``). The real read happens
+    somewhere between the caught-up check and the save; here the check is one
+    event (``probe``) and the read happens at the next save, the latest it could,
+    so sends, acks and crashes in between exercise the tracker's guard.
+    """
 
     IN_FLIGHT_MAX = 24
 
@@ -271,6 +276,8 @@ class SimPublisher:
         self.next_seq = self.saved_seq + 1
         self.unsent: list[deque[InFlight]] = [deque() for _ in range(self.partitions)]
         self.unacked: list[deque[InFlight]] = [deque() for _ in range(self.partitions)]
+        # (sent_count, wal_last_seq) seen caught up, waiting for the end offsets.
+        self.probe_started: tuple[int, int] | None = None
 
     def restart(self, writer: WriterId) -> None:
         """A crash loses everything in flight; resend from the saved position."""
@@ -301,13 +308,27 @@ class SimPublisher:
         assert item.offset is not None
         self.tracker.acked(item.msg_id, item.offset)
 
-    def save(self) -> bool:
+    def probe(self, wal_last_seq: int) -> bool:
+        """Caught up: start reading the end offsets (they arrive with the next save)."""
+        if self.probe_started is not None or not self.tracker.caught_up(wal_last_seq):
+            return False
+        self.probe_started = (self.tracker.sent_count, wal_last_seq)
+        return True
+
+    def save(self, kafka: SimKafka) -> bool:
         """Persist the position (``PublishedPosition.save`` merges offsets by maximum)."""
-        if self.saved_seq == self.position:
+        if self.probe_started is not None:
+            sent_count, wal_last_seq = self.probe_started
+            self.probe_started = None
+            ends = {p: kafka.end(p) for p in range(kafka.partitions)}
+            self.tracker.caught_up_at(ends, wal_last_seq=wal_last_seq, sent_count=sent_count)
+        offsets = dict(self.saved_offsets)
+        for p, o in self.tracker.offsets.items():
+            offsets[p] = max(o, offsets.get(p, 0))
+        if self.saved_seq == self.position and offsets == self.saved_offsets:
             return False
         self.saved_seq = self.position
-        for p, o in self.tracker.offsets.items():
-            self.saved_offsets[p] = max(o, self.saved_offsets.get(p, 0))
+        self.saved_offsets = offsets
         return True
 
     @property
@@ -371,7 +392,6 @@ class SimReader:
         self.merger = self.merger_factory(cp.applied_seq, self.partitions, writer=cp.writer)
         self.decoder = Decoder()
         self.assemblers = [PartAssembler() for _ in range(self.partitions)]
-        self.part_start: list[int | None] = [None] * self.partitions
         self.fetch_pos = {p: cp.offsets.get(p, 0) for p in range(self.partitions)}
         self.inbox: deque[Delivery] = deque()
 
@@ -534,11 +554,14 @@ class World:
         self.log(f"publisher acks p{p}; position {before} -> {self.publisher.position}")
 
     def ev_save_position(self) -> None:
-        if self.publisher.save():
+        """The publisher's save loop: save, then, if caught up, start reading end offsets."""
+        if self.publisher.save(self.kafka):
             self.log(
                 f"publisher saves position {self.publisher.saved_seq} "
                 f"offsets {self.publisher.saved_offsets}"
             )
+        if self.publisher.probe(self.writer.last_seq):
+            self.log(f"publisher caught up at {self.publisher.position}: reads end offsets")
 
     def ev_publisher_crash(self) -> None:
         self.publisher.restart(self.writer.writer_id)
@@ -586,13 +609,8 @@ class World:
         real = self.rng.choice(whole)
         p = partition_for(real.routing_seq, self.kafka.partitions)
         log = self.kafka.logs[p]
-        between_parts = bool(log) and log[-1].unfinished_part
-        if between_parts != self.config.rogue_between_parts:
-            # A foreign message between the parts of a split transaction makes the
-            # PartAssembler drop them, and the reader stalls instead of reporting
-            # the split brain (a known issue): by default the rogue avoids that
-            # moment; with rogue_between_parts it waits for exactly that moment.
-            return
+        if self.config.rogue_between_parts and not (log and log[-1].unfinished_part):
+            return  # wait for a moment between the parts of a split transaction
         txns = []
         for t in self.writer.txns_from(real.first_seq, len(self.writer.wal)):
             if t.first_seq > real.last_seq:
@@ -784,6 +802,10 @@ class World:
                 return
             if not batches:
                 break
+            # As the real reader: parts of transactions already applied stop holding.
+            for p, assembler in enumerate(r.assemblers):
+                if assembler.discard_through(r.merger.applied_seq):
+                    r.merger.hold(p, assembler.first_offset)
             self._apply(r, batches, offsets)
             if not full and self.rng.random() < 0.3:
                 return
@@ -807,16 +829,15 @@ class World:
             self.count("decode_stops")
             self.log(f"reader {r.name} STOPPED (unhealthy): DecodeError at p{p}@{d.offset}: {exc}")
             return False
-        if batch.is_part and batch.part_index == 0:
-            r.part_start[p] = d.offset
-        whole = r.assemblers[p].feed(batch)
+        assembler = r.assemblers[p]
+        whole = assembler.add(batch, d.offset)
+        # As the real reader: never commit past a part still held.
+        r.merger.hold(p, assembler.first_offset)
         if whole is None:
-            if not r.assemblers[p].pending:
-                r.merger.skip(p, d.offset)  # a stray part: nothing to apply from it
+            r.merger.skip(p, d.offset)  # held (see hold) or a stray part
             return True
-        first_offset = r.part_start[p] if batch.is_part else None
         try:
-            r.merger.offer(p, d.offset, whole, first_offset=first_offset)
+            r.merger.offer(p, d.offset, whole.batch, first_offset=whole.first_offset)
         except SplitBrainError as exc:
             self._stop_split_brain(r, exc)
             return False
@@ -856,34 +877,34 @@ class World:
     # --- the end: faults off, everything drains -------------------------------------
 
     def quiesce(self, after_step: Callable[[World], None]) -> None:
-        """Faults off; the publisher drains the WAL; readers catch up.
+        """Faults off; the publisher drains the WAL; readers catch up. No more writes.
 
-        Writes keep flowing (a few more transactions) until a writer snapshot
-        connects with the log and starts past every corrupt message: the
-        publisher's offsets of a partition move only when a newer message of the
-        published prefix lands there, so on an idle stream they can stay below a
-        log start that retention moved (``idle_end`` stops writing to show it).
-        Readers stopped on corrupt input first restart (a transient corruption
-        heals), then bootstrap past it; readers whose log was truncated bootstrap
-        from that snapshot. A healthy reader is never bootstrapped here: one that
-        cannot progress on an intact log is a liveness bug.
+        Once caught up, the publisher records the partitions' end offsets, so a
+        writer snapshot taken then connects with the log and starts past every
+        corrupt message, even where retention moved a log start past the last
+        message of the acknowledged prefix (messages of crashed sessions sit
+        after it). Readers stopped on corrupt input first restart (a transient
+        corruption heals), then bootstrap past it; readers whose log was
+        truncated bootstrap from that snapshot. A healthy reader is never
+        bootstrapped here: one that cannot progress on an intact log is a
+        liveness bug.
         """
         self.faults_on = False
         self.log("--- quiescent phase: faults off ---")
         self.ev_sync()
-        extra = 0
-        while True:
-            self._drain(after_step)
-            self.ev_save_position()
-            snap = self.writer_snapshot()
-            if self.config.idle_end or self._usable_by_all(snap) or extra >= QUIESCE_TXNS_MAX:
-                break
-            self.writer.append(self._random_ops(), timestamp_us=self.step_no * 1000)
-            self.writer.sync()
-            extra += 1
-        self.count("quiesce_txns", extra)
+        self._drain(after_step)
+        self.ev_save_position()  # caught up: starts reading the end offsets
+        self.ev_save_position()  # ... and records them
+        snap = self.writer_snapshot()
+        if not self._usable_by_all(snap):
+            raise InvariantViolation(
+                f"(c) the caught-up publisher's offsets {dict(snap.offsets)} do not reach "
+                f"the log (log start {self.kafka.log_start}, end "
+                f"{[self.kafka.end(p) for p in range(self.kafka.partitions)]}) or stop before "
+                "a corrupt message: a writer snapshot taken now would not serve every reader"
+            )
         self.snapshots.append(snap)
-        self.log(f"final writer snapshot at {snap.seq} offsets {snap.offsets} after {extra} txns")
+        self.log(f"final writer snapshot at {snap.seq} offsets {dict(snap.offsets)}")
         for r in self.readers:
             if r.stopped == "decode":
                 r.crash_restart()
