@@ -297,7 +297,6 @@ async def _replay(
     cp = store.checkpoint()
     merger = SequenceMerger(cp.applied_seq, plan.log_view.partitions, writer=cp.writer)
     assemblers = {p: PartAssembler() for p in range(plan.log_view.partitions)}
-    part_start: dict[int, int] = {}
     end = {p: plan.log_view.log_end.get(p, 0) for p in range(plan.log_view.partitions)}
     position = dict(plan.start_offsets)
     reached = target.to_seq is not None and cp.applied_seq >= target.to_seq
@@ -335,12 +334,11 @@ async def _replay(
                                 partition=p,
                                 offset=r.offset,
                             ) from exc
-                        if batch.is_part and batch.part_index == 0:
-                            part_start[p] = r.offset
-                        whole = assemblers[p].feed(batch)
-                        if whole is not None:
-                            first = part_start.pop(p, None) if batch.is_part else None
-                            merger.offer(p, r.offset, whole, first_offset=first)
+                        assembled = assemblers[p].add(batch, r.offset)
+                        if assembled is not None:
+                            merger.offer(
+                                p, r.offset, assembled.batch, first_offset=assembled.first_offset
+                            )
                 batches, offsets = merger.take_ready(APPLY_ENTRIES_MAX)
                 reached = _apply_until(store, batches, offsets, target, progress)
         finally:
