@@ -68,6 +68,7 @@ from walship.shared.codec import (
     ZstdDictionary,
     partition_for,
 )
+from walship.shared.dictionaries import DictionaryTrainer, load_dictionaries, publish_dictionary
 from walship.shared.errors import (
     ConfigError,
     KafkaUnavailableError,
@@ -81,7 +82,7 @@ from walship.shared.kafka import (
     kafka_errors,
     translate_kafka_error,
 )
-from walship.shared.model import WriterId
+from walship.shared.model import Transaction, WriterId
 
 log = logging.getLogger(__name__)
 
@@ -191,6 +192,9 @@ class Publisher:
         reader: Any | None = None,
         zstd_level: int = 3,
         dictionary: ZstdDictionary | None = None,
+        train_dictionary: bool = False,
+        dictionary_bytes: int = 16384,
+        dictionary_sample_bytes: int = 1 << 20,
         create_topic: bool = False,
         replication_factor: int = 3,
         topic_configs: Mapping[str, str] | None = None,
@@ -228,6 +232,12 @@ class Publisher:
         self._owns_reader = False
         self._zstd_level = zstd_level
         self._dictionary = dictionary
+        # Trains a zstd dictionary on the first transactions, then ships and uses it.
+        self._trainer: DictionaryTrainer | None = None
+        if train_dictionary and dictionary is None:
+            self._trainer = DictionaryTrainer(
+                dict_bytes=dictionary_bytes, sample_bytes=dictionary_sample_bytes
+            )
         self._create_topic = create_topic
         self._replication_factor = replication_factor
         self._topic_configs = dict(topic_configs or {})
@@ -314,6 +324,8 @@ class Publisher:
             self._reader = WalReader(self.data_dir / "wal")
             self._owns_reader = True
         self._skip_released()
+        if self._trainer is not None:
+            await self._reuse_dictionary()
         self._stopping.clear()
         self._started = True
         _live.add(self)
@@ -333,6 +345,43 @@ class Publisher:
             if self._stopping.is_set():
                 return  # _refresh_identity then reports the missing identity
             await asyncio.sleep(0.1)
+
+    async def _reuse_dictionary(self) -> None:
+        """A restarted publisher keeps using the stream's newest shipped dictionary."""
+        try:
+            shipped = await load_dictionaries(self._admin_kwargs, self.topic)
+        except WalshipError as exc:
+            log.warning("cannot read shipped dictionaries (will train anew): %s", exc)
+            return
+        if shipped:
+            self._use_dictionary(list(shipped.values())[-1])
+
+    def _use_dictionary(self, d: ZstdDictionary) -> None:
+        self._trainer = None
+        self._dictionary = d
+        if self._writer_id is not None:
+            self._encoder = self._make_encoder(self._writer_id)
+        log.info("compressing with zstd dictionary %d (%d bytes)", d.dict_id, len(d.data))
+
+    async def _train_dictionary(self, txns: Sequence[Transaction]) -> None:
+        """Collect samples; once there are enough, train, ship, then use the dictionary.
+
+        It is used only after Kafka acknowledged it on ``<topic>.dicts``, so a
+        reader that meets its id can always load it.
+        """
+        trainer = self._trainer
+        assert trainer is not None
+        trainer.add(txns)
+        if not trainer.ready:
+            return
+        try:
+            d = await asyncio.to_thread(trainer.train)
+        except ValueError as exc:
+            log.warning("no zstd dictionary (compressing without one): %s", exc)
+            self._trainer = None
+            return
+        await publish_dictionary(self._admin_kwargs, self.topic, d)
+        self._use_dictionary(d)
 
     def _make_encoder(self, writer_id: WriterId) -> Encoder:
         return Encoder(
@@ -604,6 +653,8 @@ class Publisher:
 
     async def _send_batch(self, batch: PendingBatch) -> None:
         self._refresh_identity()
+        if self._trainer is not None:
+            await self._train_dictionary(batch.txns)
         assert self._encoder is not None
         messages = self._encoder.encode(batch.txns)
         ends = message_ends(batch.txns)

@@ -310,6 +310,17 @@ class ProducerSettings(BaseModel):
         description="WAL size limit; appends fail (retriably) beyond it. Unset: no limit.",
     )
     segment_bytes_max: int = Field(default=64 << 20, ge=4096, description="WAL segment file size.")
+    zstd_dictionary: bool = Field(
+        default=False,
+        description="Train a zstd dictionary on the first transactions, ship it on "
+        "<topic>.dicts and compress with it (pays off for small transactions).",
+    )
+    dictionary_bytes: int = Field(
+        default=16384, ge=256, le=1 << 20, description="Size of the trained zstd dictionary."
+    )
+    dictionary_sample_bytes: int = Field(
+        default=1 << 20, ge=4096, description="Transaction bytes sampled before training."
+    )
     wal_release: Literal["published", "snapshotted", "never"] = Field(
         default="published",
         description="When the writer deletes WAL segments: once published; once published and "

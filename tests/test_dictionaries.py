@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import random
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 from hypothesis import given
@@ -98,3 +100,85 @@ async def test_published_dictionaries_are_loaded(
     loaded = await load_dictionaries(kwargs, topic)
     assert loaded == {first.dict_id: first, other.dict_id: other}
     assert dictionaries_topic(topic) == f"{topic}.dicts"
+
+
+@pytest.mark.kafka
+async def test_publisher_trains_ships_and_readers_decode(
+    kafka_bootstrap: str, new_topic: Callable[..., str], tmp_path: Path
+) -> None:
+    """Small JSON transactions: the publisher switches to a trained dictionary that a
+    reader started afterwards loads from <topic>.dicts; the replica equals the writer."""
+    from walship.consumer.applier import SqliteApplier
+    from walship.consumer.reader import Reader
+    from walship.producer.publisher import Publisher
+    from walship.producer.writer import Writer
+    from walship.shared.codec import Codec, peek_header
+    from walship.shared.store import digest_file
+
+    topic = new_topic(2)
+    kwargs = {"bootstrap_servers": kafka_bootstrap}
+    data_dir = tmp_path / "writer"
+    txns = _json_txns(3000)
+
+    def publisher() -> Publisher:
+        return Publisher(
+            data_dir,
+            topic=topic,
+            partitions=2,
+            producer_kwargs=kwargs,
+            linger_ms=0,
+            batch_bytes_max=600,
+            train_dictionary=True,
+            dictionary_bytes=4096,
+            dictionary_sample_bytes=96 << 10,
+        )
+
+    async with Writer(data_dir) as writer:
+        for t in txns[:2000]:
+            await writer.append([(Op.PUT, k, v) for k, v in zip(t.keys, t.values, strict=True)])
+        async with publisher() as pub:
+            await asyncio.wait_for(pub.run(until_caught_up=True), 60)
+        shipped = await load_dictionaries(kwargs, topic)
+        assert len(shipped) == 1
+        # A restarted publisher reuses the shipped dictionary instead of training again.
+        for t in txns[2000:]:
+            await writer.append([(Op.PUT, k, v) for k, v in zip(t.keys, t.values, strict=True)])
+        async with publisher() as pub:
+            await asyncio.wait_for(pub.run(until_caught_up=True), 60)
+        assert len(await load_dictionaries(kwargs, topic)) == 1
+        last = writer.last_seq
+    received = await _raw_values(kafka_bootstrap, topic, 2)
+    codecs = [peek_header(v).codec for v in received]
+    assert Codec.ZSTD_DICT in codecs and codecs[0] != Codec.ZSTD_DICT
+    assert {peek_header(v).dict_id for v in received} - {0} == set(shipped)
+
+    reader = Reader(
+        SqliteApplier(tmp_path / "replica.db"),
+        topic=topic,
+        reader_id="r",
+        client_kwargs=kwargs,
+        gap_timeout_ms=2000,
+    )
+    async with reader:
+        await asyncio.wait_for(reader.run(until_seq=last), 60)
+    assert digest_file(tmp_path / "replica.db") == digest_file(data_dir / "state.db")
+
+
+async def _raw_values(bootstrap: str, topic: str, partitions: int) -> list[bytes]:
+    from aiokafka import AIOKafkaConsumer, TopicPartition
+
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
+    await consumer.start()
+    out: list[tuple[int, bytes]] = []
+    try:
+        tps = [TopicPartition(topic, p) for p in range(partitions)]
+        consumer.assign(tps)
+        await consumer.seek_to_beginning(*tps)
+        end = await consumer.end_offsets(tps)
+        for tp in tps:
+            while await consumer.position(tp) < end[tp]:
+                for rec in (await consumer.getmany(tp, timeout_ms=2000)).get(tp, []):
+                    out.append((int.from_bytes(rec.key or b"", "big"), rec.value or b""))
+    finally:
+        await consumer.stop()
+    return [v for _, v in sorted(out)]
