@@ -41,6 +41,7 @@ from opentelemetry.trace import Span, Status, StatusCode
 from walship.consumer.applier import Applier
 from walship.consumer.merge import Ready, SequenceMerger, Source, retention_gap
 from walship.shared.codec import Decoder, Header, PartAssembler, peek_header
+from walship.shared.dictionaries import learn_dictionaries
 from walship.shared.errors import (
     DecodeError,
     KafkaOperationError,
@@ -492,7 +493,9 @@ class Reader:
         fetched = 0
         for tp, messages in records.items():
             fetched += len(messages)
-            await self._learn_dictionaries(messages)
+            await learn_dictionaries(
+                self._decoder, (m.value for m in messages), self._kwargs, self.topic
+            )
             self._ingest(tp.partition, messages)
         self._collect(target)
         now = time.monotonic()
@@ -544,33 +547,6 @@ class Reader:
             log.warning("fetch failed, retrying: %s", err)
             await asyncio.sleep(0.5)
             return {}
-
-    async def _learn_dictionaries(self, messages: Sequence[ConsumerRecord[bytes, bytes]]) -> None:
-        """Load ``<topic>.dicts`` when a message names a dictionary this reader lacks.
-
-        The publisher ships a dictionary before its first use, so one reload
-        finds it; a message whose dictionary is still missing then fails to
-        decode like any other corrupt input.
-        """
-        known = self._decoder.dictionary_ids
-        for msg in messages:
-            try:
-                header = peek_header(msg.value or b"")
-            except DecodeError:
-                continue  # reported by _ingest with its location
-            if header.dict_id == 0 or header.dict_id in known:
-                continue
-            from walship.shared.dictionaries import load_dictionaries
-
-            for d in (await load_dictionaries(self._kwargs, self.topic)).values():
-                if d.dict_id not in known:
-                    self._decoder.add_dictionary(d)
-            log.info(
-                "reader %s loaded dictionaries %s",
-                self.reader_id,
-                sorted(self._decoder.dictionary_ids),
-            )
-            return
 
     def _ingest(self, partition: int, messages: Sequence[ConsumerRecord[bytes, bytes]]) -> None:
         merger = self._merger

@@ -24,12 +24,18 @@ from __future__ import annotations
 import logging
 import random
 import struct
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import crc32c
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
-from walship.shared.codec import ZstdDictionary, train_dictionary, training_samples
+from walship.shared.codec import (
+    Decoder,
+    ZstdDictionary,
+    peek_header,
+    train_dictionary,
+    training_samples,
+)
 from walship.shared.codec_dict import DICT_ID_MAX
 from walship.shared.errors import DecodeError, KafkaOperationError
 from walship.shared.kafka import describe_topic, ensure_side_topic, kafka_errors
@@ -169,3 +175,27 @@ async def load_dictionaries(
         finally:
             await consumer.stop()
     return found
+
+
+async def learn_dictionaries(
+    decoder: Decoder, values: Iterable[bytes | None], client_kwargs: Mapping[str, Any], topic: str
+) -> None:
+    """Give ``decoder`` the dictionaries that ``values`` name and it lacks.
+
+    The publisher ships a dictionary before its first use, so one load of
+    ``<topic>.dicts`` finds it; a message whose dictionary is still missing
+    then fails to decode like any other corrupt input.
+    """
+    known = decoder.dictionary_ids
+    for value in values:
+        try:
+            dict_id = peek_header(value or b"").dict_id
+        except DecodeError:
+            continue  # the decoder reports it, with its location
+        if dict_id == 0 or dict_id in known:
+            continue
+        for d in (await load_dictionaries(client_kwargs, topic)).values():
+            if d.dict_id not in known:
+                decoder.add_dictionary(d)
+        log.info("loaded zstd dictionaries %s", sorted(decoder.dictionary_ids))
+        return

@@ -163,6 +163,21 @@ async def test_publisher_trains_ships_and_readers_decode(
         await asyncio.wait_for(reader.run(until_seq=last), 60)
     assert digest_file(tmp_path / "replica.db") == digest_file(data_dir / "state.db")
 
+    # Point-in-time restore reads the same dictionary-compressed log.
+    from walship.consumer.bootstrap import kafka_log_inspector
+    from walship.shared.snapshot import FileSnapshotStore
+    from walship.shared.snapshot.restore import RestoreTarget, plan_restore, restore
+
+    snaps = FileSnapshotStore(tmp_path / "snaps")
+    plan = await plan_restore(
+        snaps,
+        topic=topic,
+        target=RestoreTarget(to_seq=last),
+        inspect_log=kafka_log_inspector(topic, kwargs),
+    )
+    restored = await restore(plan, tmp_path / "asof.db", snapshot_store=snaps, client_kwargs=kwargs)
+    assert restored == digest_file(data_dir / "state.db")
+
 
 async def _raw_values(bootstrap: str, topic: str, partitions: int) -> list[bytes]:
     from aiokafka import AIOKafkaConsumer, TopicPartition

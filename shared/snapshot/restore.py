@@ -25,6 +25,7 @@ from typing import Any
 from walship.consumer.bootstrap import Bootstrapper, LogInspector, LogView, swap_database
 from walship.consumer.merge import SequenceMerger
 from walship.shared.codec import Decoder, PartAssembler
+from walship.shared.dictionaries import learn_dictionaries
 from walship.shared.errors import ConfigError, DecodeError, SnapshotError, SnapshotNotFoundError
 from walship.shared.model import Batch
 from walship.shared.snapshot.base import SnapshotStore
@@ -321,6 +322,9 @@ async def _replay(
                     )
                 for tp, records in fetched.items():
                     p = tp.partition
+                    await learn_dictionaries(
+                        decoder, (r.value for r in records), client_kwargs, plan.topic
+                    )
                     for r in records:
                         if r.offset >= end[p]:
                             break
