@@ -309,6 +309,23 @@ class Bootstrapper:
             )
         stream_id = cp.writer.stream_id.hex() if cp.writer is not None else None
         manifests = await self.snapshot_store.list_manifests()
+        if not first_start and cp.applied_seq > 0:
+            # Only a snapshot past the replica helps: loading an older one would move the
+            # replica (and everyone reading it) back in time, and the reader still could
+            # not get past what stopped it (found by walship chaos: a reader stopped by a
+            # corrupt message went from seq 7335 back to a snapshot at 6663).
+            newer = [m for m in manifests if m.seq > cp.applied_seq]
+            if not newer:
+                newest = max((m.seq for m in manifests), default=None)
+                raise NoConnectingSnapshotError(
+                    f"{reason}; {self.snapshot_store.url} holds no snapshot past the "
+                    f"replica's seq {cp.applied_seq} (newest: "
+                    f"{'none' if newest is None else f'seq {newest}'}); the replica is left "
+                    "as it is: restart this reader once the writer has taken a newer snapshot",
+                    topic=self.topic,
+                    applied_seq=cp.applied_seq,
+                )
+            manifests = newer
         manifest, rejected = choose_snapshot(
             manifests, log_view, topic=self.topic, stream_id=stream_id
         )
