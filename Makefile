@@ -41,7 +41,7 @@ bench: $(STAMP)
 	$(BIN)/walship bench --out bench.json
 
 bench-quick: $(STAMP)
-	$(BIN)/walship bench --quick --out bench-quick.json
+	$(BIN)/walship bench --quick --min-ratio 3 --out bench-quick.json
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info .mypy_cache .pytest_cache .ruff_cache
