@@ -1,11 +1,21 @@
 """The reference writer: WAL append, then apply to ``<data-dir>/state.db``.
 
-Durable WAL cycles are applied to state.db in order, in a worker thread, while
-the WAL writes the next cycle (cycles waiting for the apply are merged into one
-store transaction); an append returns only after both, so an append that
-returned is durable in the WAL and visible in state.db. On
-start, WAL records beyond state.db's applied_seq are replayed (a crash between
-the WAL fsync and the store commit loses nothing).
+An append returns once its record is durable in the WAL (per the fsync
+policy): that is the acknowledgement. ``state.db`` follows in a background
+thread that applies the durable records in order, in large store transactions
+(everything that became durable while the previous one committed, up to
+``state_apply_entries_max`` entries): one SQLite commit per few hundred entries
+rewrote the random 16 KiB pages it touched every time and capped appends at
+~20k entries/s; larger groups touch each page once for many entries.
+``await writer.wait_applied(seq)`` gives read-your-writes; ``applied_seq`` says
+how far state.db is. The state may lag the WAL by at most
+``state_lag_entries_max`` entries: beyond that, appends wait for the apply
+(backpressure, never an unbounded queue).
+
+On start, WAL records beyond state.db's applied_seq are replayed, so a crash
+with records durable in the WAL but not yet in state.db loses nothing. A
+failing state.db apply stops the writer: later appends (and ``wait_applied``)
+raise; the WAL still holds everything, and a restart replays it.
 
 Once a second the writer deletes WAL segments that are no longer needed: all
 their records published (``published.json``) and, with ``wal_release =
@@ -17,7 +27,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Sequence
+import threading
+from collections import deque
+from collections.abc import Callable, Sequence
 from enum import StrEnum
 from pathlib import Path
 
@@ -34,6 +46,8 @@ log = logging.getLogger(__name__)
 STATE_DB_NAME = "state.db"
 WAL_DIR_NAME = "wal"
 _REPLAY_BYTES = 16 << 20
+STATE_LAG_ENTRIES_MAX_DEFAULT = 200_000
+STATE_APPLY_ENTRIES_MAX_DEFAULT = 100_000
 
 
 class WalRelease(StrEnum):
@@ -43,6 +57,101 @@ class WalRelease(StrEnum):
 
 
 _tracer = trace.get_tracer("walship.producer.writer")
+
+
+class _StateApplier:
+    """Applies durable transactions to state.db in seq order, from a thread of its own.
+
+    ``submit`` (the WAL's post-durable hook, a worker thread) queues a cycle's
+    transactions and returns at once unless the state lags by more than
+    ``lag_entries_max`` entries; the thread takes everything queued (up to
+    ``apply_entries_max`` entries, whole transactions) into one store
+    transaction. sqlite3 releases the GIL while it works, so the event loop
+    keeps appending meanwhile.
+    """
+
+    def __init__(
+        self,
+        store: ReplicaStore,
+        writer: WriterId,
+        applied_seq: int,
+        *,
+        lag_entries_max: int,
+        apply_entries_max: int,
+        on_change: Callable[[], None],
+    ) -> None:
+        self._store = store
+        self._writer = writer
+        self._lag_entries_max = lag_entries_max
+        self._apply_entries_max = apply_entries_max
+        self._on_change = on_change
+        self._cond = threading.Condition()
+        self._queue: deque[Transaction] = deque()
+        self._queued_seq = applied_seq
+        self.applied_seq = applied_seq  # read without the lock: an int is swapped atomically
+        self.error: WalError | None = None
+        self._closing = False
+        self._thread = threading.Thread(target=self._run, name="walship-state-apply", daemon=True)
+        self._thread.start()
+
+    def submit(self, txns: Sequence[Transaction]) -> None:
+        with self._cond:
+            if self.error is not None:
+                raise self.error
+            self._queue.extend(txns)
+            self._queued_seq = txns[-1].last_seq
+            self._cond.notify_all()
+            while (
+                self.error is None and self._queued_seq - self.applied_seq > self._lag_entries_max
+            ):
+                self._cond.wait()
+            if self.error is not None:
+                raise self.error
+
+    def close(self) -> None:
+        """Apply what is queued, then end the thread (blocking)."""
+        with self._cond:
+            self._closing = True
+            self._cond.notify_all()
+        self._thread.join()
+
+    def _take(self) -> list[Transaction] | None:
+        with self._cond:
+            while not self._queue and not self._closing:
+                self._cond.wait()
+            if not self._queue:
+                return None
+            txns: list[Transaction] = []
+            entries = 0
+            while self._queue and entries < self._apply_entries_max:
+                txn = self._queue.popleft()
+                txns.append(txn)
+                entries += len(txn)
+            return txns
+
+    def _run(self) -> None:
+        while (txns := self._take()) is not None:
+            try:
+                self._store.apply(
+                    [Batch.from_transactions(self._writer, txns)], writer=self._writer
+                )
+            except Exception as exc:
+                err = WalError(
+                    f"seq {txns[0].first_seq}..{txns[-1].last_seq} are durable in the WAL, "
+                    f"but applying them to state.db failed: {exc}; restart to replay",
+                    path=str(self._store.path),
+                )
+                log.error("%s", err)
+                with self._cond:
+                    self.error = err
+                    self._queue.clear()
+                    self._cond.notify_all()
+                self._on_change()
+                return
+            with self._cond:
+                self.applied_seq = txns[-1].last_seq
+                self._cond.notify_all()
+            self._on_change()
 
 
 class Writer:
@@ -57,8 +166,17 @@ class Writer:
         synchronous: str = "normal",
         wal_release: WalRelease | str = WalRelease.PUBLISHED,
         release_interval_s: float = 1.0,
+        state_lag_entries_max: int = STATE_LAG_ENTRIES_MAX_DEFAULT,
+        state_apply_entries_max: int = STATE_APPLY_ENTRIES_MAX_DEFAULT,
     ) -> None:
+        if state_lag_entries_max < 1 or state_apply_entries_max < 1:
+            raise ValueError("state_lag_entries_max and state_apply_entries_max must be >= 1")
         self.data_dir = Path(data_dir)
+        self.state_lag_entries_max = state_lag_entries_max
+        self.state_apply_entries_max = state_apply_entries_max
+        self._state: _StateApplier | None = None
+        self._waiters: list[tuple[int, asyncio.Future[None]]] = []
+        self._loop: asyncio.AbstractEventLoop | None = None
         self.wal_release = WalRelease(wal_release)
         self.release_interval_s = release_interval_s
         self._release_task: asyncio.Task[None] | None = None
@@ -95,7 +213,57 @@ class Writer:
 
     @property
     def last_seq(self) -> int:
+        """The last seq durable in the WAL (acknowledged)."""
         return self.wal.last_seq
+
+    @property
+    def applied_seq(self) -> int:
+        """The last seq applied to state.db (<= last_seq; see ``wait_applied``)."""
+        if self._state is None:
+            raise WalError("writer is not started", path=str(self.data_dir))
+        return self._state.applied_seq
+
+    async def wait_applied(self, seq: int | None = None) -> None:
+        """Return once state.db holds ``seq`` (default: everything appended so far).
+
+        Read-your-writes: ``txn = await w.append(...); await w.wait_applied(txn.last_seq)``.
+        Raises the WalError that stopped the state apply, if one did.
+        """
+        state = self._state
+        if state is None:
+            raise WalError("writer is not started", path=str(self.data_dir))
+        target = self.wal.last_seq if seq is None else seq
+        if state.applied_seq >= target:
+            return
+        if state.error is not None:
+            raise state.error
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.append((target, fut))
+        self._wake_waiters()  # the apply may have finished meanwhile
+        await fut
+
+    def _state_changed(self) -> None:
+        """State-apply thread: wake waiters on the event loop."""
+        loop = self._loop
+        if loop is not None and not loop.is_closed():
+            loop.call_soon_threadsafe(self._wake_waiters)
+
+    def _wake_waiters(self) -> None:
+        state = self._state
+        if state is None or not self._waiters:
+            return
+        applied, error = state.applied_seq, state.error
+        keep: list[tuple[int, asyncio.Future[None]]] = []
+        for target, fut in self._waiters:
+            if fut.done():
+                continue
+            if applied >= target:
+                fut.set_result(None)
+            elif error is not None:
+                fut.set_exception(error)
+            else:
+                keep.append((target, fut))
+        self._waiters = keep
 
     async def __aenter__(self) -> Writer:
         await self.start()
@@ -127,6 +295,15 @@ class Writer:
             self._store.close()
             self._store = None
             raise
+        self._loop = asyncio.get_running_loop()
+        self._state = _StateApplier(
+            self._store,
+            self.writer_id,
+            wal.last_seq,
+            lag_entries_max=self.state_lag_entries_max,
+            apply_entries_max=self.state_apply_entries_max,
+            on_change=self._state_changed,
+        )
         self._wal = wal
         if self.wal_release is not WalRelease.NEVER:
             self._release_task = asyncio.create_task(self._release_loop())
@@ -139,6 +316,14 @@ class Writer:
         wal, self._wal = self._wal, None
         if wal is not None:
             await wal.stop()
+        if self._state is not None:
+            await asyncio.to_thread(self._state.close)  # applies what is queued
+            self._wake_waiters()
+            for _, fut in self._waiters:
+                if not fut.done():
+                    fut.set_exception(WalError("writer stopped", path=str(self.data_dir)))
+            self._waiters = []
+            self._state = None
         if self._store is not None:
             self._store.close()
             self._store = None
@@ -196,11 +381,11 @@ class Writer:
                 applied = batch.last_seq
 
     def _apply_durable(self, txns: Sequence[Transaction]) -> None:
-        """WAL hook, worker thread: one store transaction per group-commit cycle."""
-        store = self._store
-        if store is None:
+        """WAL hook, worker thread: hand durable cycles to the state applier."""
+        state = self._state
+        if state is None:
             raise WalError("writer is stopped", path=str(self.data_dir))
-        store.apply([Batch.from_transactions(self.writer_id, txns)], writer=self.writer_id)
+        state.submit(txns)
 
     async def append(
         self,
@@ -209,7 +394,9 @@ class Writer:
         timestamp_us: int | None = None,
         traceparent: str | None = None,
     ) -> Transaction:
-        """Append durably (per the fsync policy) and apply to state.db; returns the txn.
+        """Append durably (per the fsync policy); returns the txn with its sequences.
+
+        state.db applies it shortly after (``wait_applied`` to read your write).
 
         ``traceparent`` (W3C) makes the append span a child of the caller's trace.
         """

@@ -17,12 +17,12 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import operator
 import sqlite3
 import struct
 import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from itertools import chain, islice
 from pathlib import Path
 from typing import Any, ParamSpec, TypeVar
 
@@ -40,13 +40,18 @@ CREATE TABLE IF NOT EXISTS kv (key BLOB PRIMARY KEY, value BLOB NOT NULL) WITHOU
 CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value);
 CREATE TABLE IF NOT EXISTS offsets (partition INTEGER PRIMARY KEY, next_offset INTEGER NOT NULL);
 """
-_PUT_SQL = "INSERT OR REPLACE INTO kv (key, value) VALUES (?, ?)"
-_DELETE_SQL = "DELETE FROM kv WHERE key = ?"
 _META_SQL = "INSERT OR REPLACE INTO meta (name, value) VALUES (?, ?)"
 _OFFSET_SQL = "INSERT OR REPLACE INTO offsets (partition, next_offset) VALUES (?, ?)"
 _U32 = struct.Struct(">I")
 _DELETE = int(Op.DELETE)
-_first = operator.itemgetter(0)
+# Rows per multi-row statement. sqlite3 releases the GIL around every step and
+# must win it back afterwards: with executemany that is once per row, and while
+# another thread of the process is busy (the reader's event loop decoding the
+# next group, the writer's appends) each win-back can wait out the 5 ms switch
+# interval; measured here: 7,800 rows/s with a busy thread vs 245,000 without.
+# One statement per 4,096 rows waits once per 4,096 rows (100,000+ rows/s busy)
+# and is ~10% faster when idle too (fewer bytecode round trips per row).
+_ROWS_PER_STATEMENT_MAX = 4096
 
 
 @dataclass(frozen=True)
@@ -115,23 +120,79 @@ def _translated(what: str) -> Callable[[Callable[_P, _R]], Callable[_P, _R]]:
     return wrap
 
 
-def _final_state(
+def final_state(
     ops: bytes, keys: Sequence[bytes], values: Sequence[bytes]
-) -> tuple[list[tuple[bytes, bytes]], list[tuple[bytes]]]:
-    """Collapse a run of puts and deletes to the last op per key (pure).
+) -> tuple[list[tuple[bytes, bytes]], list[bytes]]:
+    """Collapse a run of puts and deletes to the last op per key, sorted by key (pure).
 
-    Applied inside one transaction, only each key's last op is observable, so
-    this turns an interleaved run into two executemany calls.
+    Applied inside one transaction only each key's last op is observable: a put
+    then a delete is a delete, a delete then a put is that put, two puts are
+    the second. Returns (puts as (key, value), deleted keys), each sorted by
+    key: key order walks the b-tree page after page instead of jumping around
+    (+30% measured for random keys), and the collapse saves the repeated
+    writes of hot keys.
     """
+    if _DELETE not in ops:  # the common case: puts only
+        return sorted(dict(zip(keys, values, strict=True)).items()), []
     last = dict(zip(keys, range(len(keys)), strict=True))
     puts: list[tuple[bytes, bytes]] = []
-    deletes: list[tuple[bytes]] = []
+    deletes: list[bytes] = []
     for k, i in last.items():
         if ops[i] == _DELETE:
-            deletes.append((k,))
+            deletes.append(k)
         else:
             puts.append((k, values[i]))
+    puts.sort()  # keys are unique here: tuples never compare their values
+    deletes.sort()
     return puts, deletes
+
+
+def _chunk_sizes(n: int, size_max: int) -> Iterator[int]:
+    """Split ``n`` rows into full chunks of ``size_max`` then powers of two.
+
+    Every chunk size maps to one cached statement, so a few distinct sizes
+    (at most log2(size_max) + 1) cover any row count.
+    """
+    full, rest = divmod(n, size_max)
+    yield from (size_max for _ in range(full))
+    size = size_max
+    while rest:
+        size >>= 1
+        if rest >= size:
+            yield size
+            rest -= size
+
+
+class _RowWriter:
+    """Multi-row INSERT OR REPLACE / DELETE statements for one connection."""
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        variables_max = conn.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER)
+        rows_max = min(_ROWS_PER_STATEMENT_MAX, variables_max // 2)
+        # Round down to a power of two so _chunk_sizes' halving reaches 1.
+        self._rows_max = 1 << (rows_max.bit_length() - 1)
+        self._put_sql: dict[int, str] = {}
+        self._delete_sql: dict[int, str] = {}
+
+    def put(self, conn: sqlite3.Connection, rows: Sequence[tuple[bytes, bytes]]) -> None:
+        at = 0
+        for n in _chunk_sizes(len(rows), self._rows_max):
+            sql = self._put_sql.get(n)
+            if sql is None:
+                sql = "INSERT OR REPLACE INTO kv (key, value) VALUES " + ",".join(["(?,?)"] * n)
+                self._put_sql[n] = sql
+            conn.execute(sql, list(chain.from_iterable(rows[at : at + n])))
+            at += n
+
+    def delete(self, conn: sqlite3.Connection, keys: Sequence[bytes]) -> None:
+        at = 0
+        for n in _chunk_sizes(len(keys), self._rows_max):
+            sql = self._delete_sql.get(n)
+            if sql is None:
+                sql = "DELETE FROM kv WHERE key IN (" + ",".join(["?"] * n) + ")"
+                self._delete_sql[n] = sql
+            conn.execute(sql, keys[at : at + n])
+            at += n
 
 
 class ReplicaStore:
@@ -169,6 +230,7 @@ class ReplicaStore:
                 self._conn.execute("ROLLBACK")
                 raise
             self._conn.execute("COMMIT")
+            self._rows = _RowWriter(self._conn)
         except BaseException:
             self._conn.close()
             raise
@@ -354,18 +416,9 @@ class ReplicaStore:
             keys = [k for b in nonempty for k in b.keys]
             values = [v for b in nonempty for v in b.values]
         if keys:
-            if _DELETE not in ops:  # the common case: puts only, straight to executemany
-                puts = list(zip(keys, values, strict=True))
-                deletes: list[tuple[bytes]] = []
-            else:
-                puts, deletes = _final_state(ops, keys, values)
-                deletes.sort()
-                conn.executemany(_DELETE_SQL, deletes)
-            # Key order walks the b-tree once, page after page, instead of
-            # jumping around (+30% for random keys). The sort is stable, so a
-            # key put twice keeps its last value.
-            puts.sort(key=_first)
-            conn.executemany(_PUT_SQL, puts)
+            puts, deletes = final_state(ops, keys, values)
+            self._rows.delete(conn, deletes)
+            self._rows.put(conn, puts)
         meta: list[tuple[str, Any]] = []
         if nonempty:
             meta.append(("applied_seq", expected - 1))
@@ -388,7 +441,9 @@ class ReplicaStore:
             conn = self._conn
             conn.execute("BEGIN IMMEDIATE")
             try:
-                conn.executemany(_PUT_SQL, items)
+                it = iter(items)
+                while chunk := list(islice(it, _ROWS_PER_STATEMENT_MAX)):
+                    self._rows.put(conn, chunk)
             except BaseException:
                 conn.execute("ROLLBACK")
                 raise

@@ -369,6 +369,7 @@ async def test_two_readers_match_the_real_writer_through_the_publisher(
         await write(writer, 50)
         await publish_all()
         last = writer.last_seq
+        await writer.wait_applied()  # state.db follows the WAL shortly after an append
         expected = writer.store.digest()
     for path, reader_id in ((tmp_path / "a.db", "early"), (tmp_path / "b.db", "late")):
         reader = make_reader(path, kafka_bootstrap, topic, reader_id)

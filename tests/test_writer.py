@@ -6,7 +6,9 @@ import asyncio
 import json
 import os
 import time
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import pytest
 from click.testing import CliRunner
@@ -16,7 +18,7 @@ from walship.producer.wal import FsyncPolicy, WalReader, WalWriter
 from walship.producer.writer import Writer
 from walship.shared.cli.main import main as cli_main
 from walship.shared.errors import WalError
-from walship.shared.model import Op
+from walship.shared.model import Batch, Op
 from walship.shared.store import ReplicaStore, digest_file
 
 
@@ -42,13 +44,16 @@ def test_identity_errors_name_the_file(tmp_path: Path) -> None:
     assert IDENTITY_NAME in info.value.context["path"]
 
 
-async def test_append_is_in_wal_and_state_db_when_it_returns(tmp_path: Path) -> None:
+async def test_append_is_in_wal_then_state_db_after_wait_applied(tmp_path: Path) -> None:
     async with Writer(tmp_path) as w:
         assert w.writer_id.epoch == 1
         t = await w.append([(Op.PUT, b"a", b"1"), (Op.PUT, b"b", b"2")])
-        assert w.store.get(b"a") == b"1" and w.store.applied_seq == t.last_seq == 2
+        assert w.last_seq == t.last_seq == 2  # durable in the WAL when append returns
+        await w.wait_applied(t.last_seq)
+        assert w.store.get(b"a") == b"1" and w.store.applied_seq == w.applied_seq == 2
         await asyncio.gather(*(w.append([(Op.PUT, b"k%d" % i, b"v")]) for i in range(100)))
         await w.append([(Op.DELETE, b"a", b"")])
+        await w.wait_applied()  # everything appended so far
         assert w.store.get(b"a") is None and w.store.applied_seq == w.last_seq == 103
         cp = w.store.checkpoint()
         assert cp.writer == w.writer_id and cp.offsets == {}
@@ -57,6 +62,7 @@ async def test_append_is_in_wal_and_state_db_when_it_returns(tmp_path: Path) -> 
         assert w.writer_id.epoch == 2 and w.last_seq == 103
         assert w.store.digest() == digest
         assert (await w.append([(Op.PUT, b"z", b"z")])).first_seq == 104
+        await w.wait_applied(104)
         assert w.store.checkpoint().writer == w.writer_id
 
 
@@ -85,14 +91,20 @@ async def test_state_db_ahead_of_wal_is_refused(tmp_path: Path) -> None:
 async def test_a_failing_state_apply_stops_the_writer_but_keeps_the_wal(tmp_path: Path) -> None:
     async with Writer(tmp_path) as w:
         await w.append([(Op.PUT, b"a", b"1")])
+        await w.wait_applied()
         w.store.close()  # state.db becomes unusable
-        with pytest.raises(WalError, match="durably") as info:
-            await w.append([(Op.PUT, b"b", b"2")])
+        t = await w.append([(Op.PUT, b"b", b"2")])  # durable in the WAL: acknowledged
+        with pytest.raises(WalError, match="durable in the WAL") as info:
+            await w.wait_applied(t.last_seq)
         assert "restart" in str(info.value)
-        with pytest.raises(WalError):
+        # The next append is written but refused (its error says it is durable) ...
+        with pytest.raises(WalError, match="durably"):
             await w.append([(Op.PUT, b"c", b"3")])
+        with pytest.raises(WalError):  # ... and then the writer stops accepting appends
+            await w.append([(Op.PUT, b"d", b"4")])
     async with Writer(tmp_path) as w:  # the restart replays the durable record
-        assert w.store.get(b"b") == b"2" and w.last_seq == 2
+        assert w.store.get(b"b") == b"2" and w.store.get(b"c") == b"3"
+        assert w.last_seq == w.store.applied_seq == 3 and w.store.get(b"d") is None
 
 
 async def test_loadgen_is_deterministic_per_seed(tmp_path: Path) -> None:
@@ -113,6 +125,7 @@ async def test_loadgen_is_deterministic_per_seed(tmp_path: Path) -> None:
             )
             assert (res.entries, res.txns, res.first_seq, res.last_seq) == (2005, 201, 1, 2005)
             assert progress[-1] == (2005, 2005)
+            await w.wait_applied()
             digests.append(w.store.digest())
         with WalReader(tmp_path / run / "wal") as r:
             txns = [t for t, _ in r.read_from(1, max_bytes=1 << 30)]
@@ -210,3 +223,37 @@ async def test_wal_release_never_keeps_everything(tmp_path: Path) -> None:
         count = len(_segments(tmp_path))
         assert writer.release() == 0
         assert len(_segments(tmp_path)) == count
+
+
+async def test_state_db_lag_is_bounded_and_applies_in_large_groups(tmp_path: Path) -> None:
+    groups: list[int] = []
+    async with Writer(tmp_path, state_lag_entries_max=50, state_apply_entries_max=40) as w:
+        inner = w.store.apply
+
+        def slow_apply(batches: Sequence[Batch], **kw: Any) -> None:
+            time.sleep(0.005)  # a slow disk: the state falls behind the WAL
+            inner(batches, **kw)
+            groups.append(sum(b.entry_count for b in batches))
+
+        w.store.apply = slow_apply  # type: ignore[method-assign]
+
+        async def append_checked(i: int) -> None:
+            t = await w.append([(Op.PUT, b"k%d" % i, b"v")])
+            # Backpressure: an append returns only while the state lags <= 50 entries.
+            assert w.applied_seq >= t.last_seq - 50
+
+        await asyncio.gather(*(append_checked(i) for i in range(300)))
+        await w.wait_applied()
+        assert w.applied_seq == w.last_seq == 300
+    assert sum(groups) == 300 and max(groups) == 40  # grouped, never above the cap
+    assert len(groups) < 300 // 4  # far fewer store transactions than appends
+    async with Writer(tmp_path) as w:
+        assert w.store.applied_seq == 300 and w.store.get(b"k299") == b"v"
+
+
+async def test_stop_applies_everything_appended(tmp_path: Path) -> None:
+    async with Writer(tmp_path) as w:
+        for i in range(20):
+            await w.append([(Op.PUT, b"k%d" % i, b"v%d" % i)])
+    with ReplicaStore(tmp_path / "state.db") as s:
+        assert s.applied_seq == 20 and s.get(b"k19") == b"v19"
