@@ -199,7 +199,7 @@ def setup_telemetry(service_name: str, *, instance_id: str | None = None) -> Tel
             exporters=[f"traces:{n}" for n, _ in span_exporters]
             + [f"metrics:{n}" for n, _ in readers],
         )
-        log.info("telemetry: %s", ", ".join(_telemetry.exporters))
+        log.debug("telemetry: %s", ", ".join(_telemetry.exporters))
         return _telemetry
 
 
