@@ -107,6 +107,9 @@ async def run_reader(
             client_kwargs=kwargs,
             bootstrap=hook,
             gap_timeout_ms=cfg.gap_timeout_ms,
+            apply_entries_max=cfg.apply_entries_max,
+            apply_linger_ms=cfg.apply_linger_ms,
+            fetch_max_wait_ms=cfg.fetch_max_wait_ms,
         )
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):

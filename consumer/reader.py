@@ -8,9 +8,16 @@ offsets in one SQLite transaction) is the truth: on start each partition is
 sought to the stored offset, whatever Kafka has committed.
 
 The loop: fetch from all partitions, decode, reassemble split transactions,
-offer to the ``SequenceMerger``, take what is dense from applied + 1, apply in
-large groups (up to ``apply_entries_max`` entries or ``apply_linger_ms``; every
-WAL transaction stays whole), then commit the offsets that became safe.
+offer to the ``SequenceMerger``, take what is dense from applied + 1, apply
+(every WAL transaction stays whole), then commit the offsets that became safe.
+Applies are pipelined: one runs in a worker thread (sqlite3 releases the GIL
+while it works) while the loop fetches, decodes and merges the next group, so
+groups grow by themselves when the reader is behind (up to
+``apply_entries_max`` entries: fewer, larger SQLite commits) and a reader that
+is caught up applies what is ready at once (``apply_linger_ms`` = 0) for low
+latency. ``fetch_max_wait_ms`` bounds how long a broker holds a fetch that has
+no data: aiokafka's default of 500 ms delayed new data on the other brokers'
+partitions by up to that much.
 
 A gap is awaited (``gap_timeout_ms``); if the log can no longer fill it
 (``retention_gap``), or a partition's offsets were deleted under us, the
@@ -49,7 +56,7 @@ from walship.shared.errors import (
     WalshipError,
 )
 from walship.shared.kafka import describe_topic, translate_kafka_error
-from walship.shared.model import Batch
+from walship.shared.model import Batch, WriterId
 from walship.shared.store import Checkpoint
 from walship.shared.telemetry import context_from_traceparent
 
@@ -59,11 +66,15 @@ BootstrapHook = Callable[[str], Awaitable[Checkpoint | None]]
 """Loads a snapshot into the replica and returns its checkpoint (None: no snapshot fits)."""
 
 APPLY_ENTRIES_MAX_DEFAULT = 50_000
-APPLY_LINGER_MS_DEFAULT = 100
+APPLY_LINGER_MS_DEFAULT = 0
+FETCH_MAX_WAIT_MS_DEFAULT = 20
 GAP_TIMEOUT_MS_DEFAULT = 30_000
 PARTITION_BUFFER_BYTES_MAX_DEFAULT = 32 << 20
 FETCH_RECORDS_MAX_DEFAULT = 1000
 POLL_TIMEOUT_MS_DEFAULT = 100
+# While an apply runs the loop polls Kafka this briefly, so it notices the end of
+# the apply (and starts the next one) without waiting out poll_timeout_ms.
+_POLL_WHILE_APPLYING_MS = 5
 PROBE_TIMEOUT_MS_DEFAULT = 10_000
 
 _tracer = trace.get_tracer("walship.consumer")
@@ -282,11 +293,13 @@ class Reader:
         partition_buffer_bytes_max: int = PARTITION_BUFFER_BYTES_MAX_DEFAULT,
         fetch_records_max: int = FETCH_RECORDS_MAX_DEFAULT,
         poll_timeout_ms: int = POLL_TIMEOUT_MS_DEFAULT,
+        fetch_max_wait_ms: int = FETCH_MAX_WAIT_MS_DEFAULT,
     ) -> None:
         self.topic = topic
         self.reader_id = reader_id
         self._applier = applier
         self._kwargs = dict(client_kwargs)
+        self._fetch_max_wait_ms = fetch_max_wait_ms
         self._bootstrap = bootstrap
         self._decoder = decoder if decoder is not None else Decoder()
         self._gap_timeout_s = gap_timeout_ms / 1000
@@ -308,6 +321,7 @@ class Reader:
         self._group_offsets: dict[int, int] = {}
         self._group_entries = 0
         self._group_since: float | None = None
+        self._applying: asyncio.Task[None] | None = None
         self._uncommitted: dict[int, int] = {}
         self._stored_offsets: dict[int, int] = {}
 
@@ -346,7 +360,7 @@ class Reader:
             return
         description = await describe_topic(self._kwargs, self.topic)
         consumer = AIOKafkaConsumer(
-            **self._kwargs,
+            **{"fetch_max_wait_ms": self._fetch_max_wait_ms, **self._kwargs},
             group_id=self.group_id,
             enable_auto_commit=False,
             # Never jump silently: a deleted offset must surface (retention expired).
@@ -486,10 +500,13 @@ class Reader:
             log.error("reader %s stopped: %s", self.reader_id, exc)
             raise
         finally:
+            await self._settle_apply()
             self._run_done.set()
 
     async def _step(self, target: int | None) -> None:
         records = await self._fetch()
+        if self._applying is not None and self._applying.done():
+            await self._finish_apply()
         fetched = 0
         for tp, messages in records.items():
             fetched += len(messages)
@@ -499,19 +516,27 @@ class Reader:
             self._ingest(tp.partition, messages)
         self._collect(target)
         now = time.monotonic()
-        if self._group or self._group_offsets:
+        if self._corrupt is not None:
+            await self._flush()  # what came before the corrupt message, then stop
+        elif self._group or self._group_offsets:
+            full = self._group_entries >= self._apply_entries_max
             due = (
-                self._group_entries >= self._apply_entries_max
+                full
                 or fetched == 0
                 or (
                     self._group_since is not None
                     and now - self._group_since >= self._apply_linger_s
                 )
                 or (target is not None and self._merger.applied_seq >= target)
-                or self._corrupt is not None
             )
-            if due:
-                await self._flush()
+            if self._applying is None:
+                if due:
+                    self._start_apply()
+            elif full:
+                # A full group waits for the apply in flight: fetching more now
+                # would only grow the merger's buffers.
+                await self._finish_apply()
+                self._start_apply()
         if self._corrupt is not None:
             corrupt, self._corrupt = self._corrupt, None
             await self._recover(corrupt)
@@ -523,8 +548,11 @@ class Reader:
         consumer = self._require()
         try:
             records: dict[TopicPartition, list[ConsumerRecord[bytes, bytes]]]
+            timeout_ms = self._poll_timeout_ms
+            if self._applying is not None:
+                timeout_ms = min(timeout_ms, _POLL_WHILE_APPLYING_MS)
             records = await consumer.getmany(
-                timeout_ms=self._poll_timeout_ms, max_records=self._fetch_records_max
+                timeout_ms=timeout_ms, max_records=self._fetch_records_max
             )
             return records
         except OffsetOutOfRangeError as exc:
@@ -642,15 +670,49 @@ class Reader:
                 self._merger.hold(partition, assembler.first_offset)
 
     async def _flush(self) -> None:
-        """Apply the group (data + seq + offsets + writer in one transaction), then ack."""
+        """Finish the apply in flight, apply the group, ack: nothing is left pending."""
+        await self._finish_apply()
         if not self._group and not self._group_offsets:
             await self._commit()
             return
+        self._start_apply()
+        await self._finish_apply()
+
+    def _start_apply(self) -> None:
+        """Apply the current group in the background (only one apply at a time)."""
+        assert self._applying is None, "one apply at a time: applies must stay in seq order"
         batches, sources, offsets = self._group, self._group_sources, self._group_offsets
         self._group, self._group_sources, self._group_offsets = [], [], {}
         self._group_entries = 0
         self._group_since = None
-        writer = self._merger.writer
+        self._applying = asyncio.create_task(
+            self._apply_group(batches, sources, offsets, self._merger.writer),
+            name=f"walship-apply-{self.reader_id}",
+        )
+
+    async def _finish_apply(self) -> None:
+        """Wait for the apply in flight; raises what made it fail."""
+        task, self._applying = self._applying, None
+        if task is not None:
+            await task
+
+    async def _settle_apply(self) -> None:
+        """On the way out: let an apply in flight end (its thread cannot be cancelled)."""
+        task, self._applying = self._applying, None
+        if task is not None:
+            try:
+                await asyncio.shield(task)
+            except Exception as exc:  # the reader is already stopping with its own error
+                log.error("apply in flight failed while the reader stopped: %s", exc)
+
+    async def _apply_group(
+        self,
+        batches: list[Batch],
+        sources: list[Source],
+        offsets: dict[int, int],
+        writer: WriterId | None,
+    ) -> None:
+        """Apply (data + seq + offsets + writer in one transaction), then ack."""
         spans = [self._start_span(b, s) for b, s in zip(batches, sources, strict=True)]
         started = time.perf_counter()
         try:

@@ -378,6 +378,27 @@ class ConsumerSettings(BaseModel):
     gap_timeout_ms: int = Field(
         default=30_000, ge=1, description="How long a missing sequence is awaited before acting."
     )
+    apply_entries_max: int = Field(
+        default=50_000,
+        ge=1,
+        description="Most entries applied in one SQLite transaction (whole WAL transactions; "
+        "one may exceed it). Groups grow toward it while the reader is behind: fewer, larger "
+        "commits; more memory.",
+    )
+    apply_linger_ms: int = Field(
+        default=0,
+        ge=0,
+        description="How long a caught-up reader waits for more entries before applying what "
+        "is ready (0: at once, for the lowest latency; a reader that is behind batches anyway "
+        "while its previous apply runs).",
+    )
+    fetch_max_wait_ms: int = Field(
+        default=20,
+        ge=1,
+        description="How long a broker may hold a fetch that has no new data (Kafka "
+        "fetch.max.wait.ms). Small keeps latency low; an idle reader then sends a fetch per "
+        "broker every this many ms.",
+    )
     ready_lag_seqs: int = Field(
         default=1000, ge=0, description="/readyz is ready when lag is at most this many sequences."
     )

@@ -21,6 +21,7 @@ from typing import Any
 
 from walship.shared.bench import latency as latency_mod
 from walship.shared.bench.procs import BenchError, Workers
+from walship.shared.bench.worker import cpu_s
 from walship.shared.bench.workload import PARTITIONS, TXN_ENTRIES, payload_mb
 from walship.shared.devcluster import DevCluster
 
@@ -243,7 +244,9 @@ class BenchRunner:
 
     async def end_to_end(self) -> None:
         entries = self._whole_txns(self.config.entries)
+        cpu_before_s = cpu_s()
         run = await self._pipeline("e2e", entries=entries, readers=1)
+        broker_cpu_s = round(cpu_s() - cpu_before_s, 2)
         writer, publisher, reader = run["writer"], run["publisher"], run["readers"][0]
         elapsed = reader["end"] - writer["start"]
         self._e2e_elapsed_s = elapsed
@@ -262,6 +265,12 @@ class BenchRunner:
             "reader_bootstraps": reader["bootstraps"],
             "partitions": self.config.partitions,
             "writer_kind": self.config.writer_kind,
+            # CPU seconds per process during the run (2 cores: elapsed_s * 2 is all there is;
+            # the embedded brokers run in the orchestrator process).
+            "writer_cpu_s": writer.get("cpu_s"),
+            "publisher_cpu_s": publisher.get("cpu_s"),
+            "reader_cpu_s": reader.get("cpu_s"),
+            "orchestrator_cpu_s": broker_cpu_s,  # embedded brokers, incl. process set-up
         }
         rss = self.results.setdefault("rss", {})
         rss["writer_mb"] = round(writer["peak_rss_bytes"] / _RSS_MB, 1)

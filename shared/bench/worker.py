@@ -3,7 +3,8 @@
 Protocol on stdout (lines prefixed with ``PROTOCOL_PREFIX``; anything else is
 ignored): ``{"event": "ready"}`` once the role has set up (imports done,
 clients connected), then — after the orchestrator writes a line on stdin —
-``{"event": "result", ...}`` with the role's figures and ``peak_rss_bytes``.
+``{"event": "result", ...}`` with the role's figures, ``peak_rss_bytes`` and
+``cpu_s`` (CPU seconds after the go line).
 Logs go to stderr (the orchestrator keeps them in a file).
 """
 
@@ -14,6 +15,7 @@ import importlib
 import json
 import logging
 import os
+import resource
 import sys
 import threading
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
@@ -25,6 +27,8 @@ PROTOCOL_PREFIX = "WALSHIP-BENCH "
 
 Gate = Callable[[], Awaitable[None]]
 Role = Callable[[dict[str, Any], Gate], Coroutine[Any, Any, dict[str, Any]]]
+
+_cpu_at_go_s: float | None = None
 
 # role name -> "module:function"; imported lazily so each process loads only what it runs.
 ROLES: dict[str, str] = {
@@ -38,6 +42,12 @@ ROLES: dict[str, str] = {
     "codec": "walship.shared.bench.pipeline:codec_role",
     "snapshot": "walship.shared.bench.snapshot_bench:snapshot_role",
 }
+
+
+def cpu_s() -> float:
+    """User+system CPU seconds of this process so far (all its threads)."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
 
 
 def emit(event: str, **fields: Any) -> None:
@@ -56,6 +66,8 @@ async def _gate() -> None:
     line = await asyncio.to_thread(sys.stdin.readline)
     if not line:  # the orchestrator went away
         raise SystemExit(1)
+    global _cpu_at_go_s
+    _cpu_at_go_s = cpu_s()
     threading.Thread(target=_exit_when_orphaned, name="bench-orphan-watch", daemon=True).start()
 
 
@@ -78,6 +90,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     params: dict[str, Any] = json.loads(args[1])
     result: dict[str, Any] = asyncio.run(role(params, _gate))
     result["peak_rss_bytes"] = self_peak_rss_bytes()
+    # CPU spent after "go" (set-up excluded): where the 2 cores went.
+    result["cpu_s"] = round(cpu_s() - (_cpu_at_go_s or 0.0), 2)
     emit("result", **result)
 
 
