@@ -16,8 +16,10 @@ groups grow by themselves when the reader is behind (up to
 ``apply_entries_max`` entries: fewer, larger SQLite commits) and a reader that
 is caught up applies what is ready at once (``apply_linger_ms`` = 0) for low
 latency. ``fetch_max_wait_ms`` bounds how long a broker holds a fetch that has
-no data: aiokafka's default of 500 ms delayed new data on the other brokers'
-partitions by up to that much.
+no data. A Kafka broker answers as soon as data arrives, so it only sets how
+often an idle reader asks; librdkafka's mock cluster (the embedded dev cluster)
+holds every fetch for the full wait even when data arrives, so there it adds
+up to that much latency.
 
 A gap is awaited (``gap_timeout_ms``); if the log can no longer fill it
 (``retention_gap``), or a partition's offsets were deleted under us, the
@@ -67,7 +69,7 @@ BootstrapHook = Callable[[str], Awaitable[Checkpoint | None]]
 
 APPLY_ENTRIES_MAX_DEFAULT = 50_000
 APPLY_LINGER_MS_DEFAULT = 0
-FETCH_MAX_WAIT_MS_DEFAULT = 20
+FETCH_MAX_WAIT_MS_DEFAULT = 100
 GAP_TIMEOUT_MS_DEFAULT = 30_000
 PARTITION_BUFFER_BYTES_MAX_DEFAULT = 32 << 20
 FETCH_RECORDS_MAX_DEFAULT = 1000

@@ -393,11 +393,11 @@ class ConsumerSettings(BaseModel):
         "while its previous apply runs).",
     )
     fetch_max_wait_ms: int = Field(
-        default=20,
+        default=100,
         ge=1,
         description="How long a broker may hold a fetch that has no new data (Kafka "
-        "fetch.max.wait.ms). Small keeps latency low; an idle reader then sends a fetch per "
-        "broker every this many ms.",
+        "fetch.max.wait.ms). A Kafka broker answers as soon as data arrives, so this only sets "
+        "how often an idle reader asks; the embedded dev cluster holds every fetch this long.",
     )
     ready_lag_seqs: int = Field(
         default=1000, ge=0, description="/readyz is ready when lag is at most this many sequences."
