@@ -155,7 +155,7 @@ async def run_reader(
         log.info("reader %s stopped at seq %d", cfg.reader_id, reader.applied_seq)
     finally:
         applier.close()
-        telemetry.shutdown()
+        telemetry.flush()
 
 
 # --- status ---------------------------------------------------------------------

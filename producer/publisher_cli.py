@@ -152,7 +152,7 @@ def producer_run(
     try:
         seq = asyncio.run(_run_publisher(settings, until_caught_up))
     finally:
-        telemetry.shutdown()
+        telemetry.flush()
     if until_caught_up:
         click.echo(f"caught up: published through seq {seq}")
 

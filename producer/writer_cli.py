@@ -107,7 +107,7 @@ def load_cmd(
         with Progress(*columns, transient=True, disable=as_json) as progress:
             result = asyncio.run(go(progress))
     finally:
-        telemetry.shutdown()
+        telemetry.flush()
     summary = {
         "entries": result.entries,
         "txns": result.txns,

@@ -21,6 +21,7 @@ string (``traceparent_of_current`` / ``context_from_traceparent``).
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import logging
 import os
@@ -68,8 +69,19 @@ class Telemetry:
     def meter(self, name: str) -> metrics.Meter:
         return self.meter_provider.get_meter(name)
 
+    def flush(self) -> None:
+        """Export what is buffered now (a service calls this when it stops)."""
+        if not self._shut_down:
+            self.tracer_provider.force_flush()
+            self.meter_provider.force_flush()
+
     def shutdown(self) -> None:
-        """Flush and stop exporters (idempotent). Telemetry is not set up again after."""
+        """Flush and stop exporters (idempotent). Telemetry is not set up again after.
+
+        Runs at interpreter exit. A command that ends calls :meth:`flush`
+        instead, so another command in the same process (an embedding
+        application, a test) still records spans and metrics.
+        """
         if self._shut_down:
             return
         self._shut_down = True
@@ -199,6 +211,7 @@ def setup_telemetry(service_name: str, *, instance_id: str | None = None) -> Tel
             exporters=[f"traces:{n}" for n, _ in span_exporters]
             + [f"metrics:{n}" for n, _ in readers],
         )
+        atexit.register(_telemetry.shutdown)
         log.debug("telemetry: %s", ", ".join(_telemetry.exporters))
         return _telemetry
 
