@@ -299,23 +299,26 @@ def assess(heartbeats: Mapping[str, Heartbeat], state: TopicState, now: float) -
             warnings.append(f"stopped {age:.0f}s ago")
         elif age > STALE_INTERVALS * beat.interval_s:
             warnings.append(f"stalled: last heartbeat {age:.0f}s ago")
+        expired: list[str] = []
+        near: list[str] = []
         for p, next_offset in sorted(beat.offsets.items()):
             start = state.log_start_offsets.get(p, 0)
             end = state.end_offsets.get(p, 0)
             if next_offset < start:
-                warnings.append(
-                    f"partition {p}: needs offset {next_offset} but the log starts at {start} "
-                    "(bootstrap needed)"
-                )
+                expired.append(f"{p} (needs {next_offset}, log starts at {start})")
             elif (
                 lag
                 and end > start
                 and next_offset - start <= (end - start) * NEAR_LOG_START_FRACTION
             ):
-                warnings.append(
-                    f"partition {p}: offset {next_offset} is near the log start {start} "
-                    "(retention may overtake this reader)"
-                )
+                near.append(f"{p} ({next_offset - start} past log start {start})")
+        # One line per kind, not per partition: a topic may have dozens.
+        if expired:
+            warnings.append(f"bootstrap needed: partitions {', '.join(expired)}")
+        if near:
+            warnings.append(
+                f"near log start, retention may overtake it: partitions {', '.join(near)}"
+            )
         rows.append(
             ReaderRow(
                 reader_id=reader_id,

@@ -78,8 +78,21 @@ def test_assess_lag_and_warnings() -> None:
     assert [r.reader_id for r in rows] == sorted(by_id)
     assert by_id["ok"].lag_seqs == 0 and by_id["ok"].warnings == []
     assert by_id["behind"].lag_seqs == 100 and by_id["behind"].lag_s == 2.5
-    assert any("near the log start" in w for w in by_id["behind"].warnings)
+    assert any("near log start" in w for w in by_id["behind"].warnings)
     assert any("bootstrap needed" in w for w in by_id["gone"].warnings)
+    # Many partitions near the log start make one warning, not one per partition.
+    many = assess(
+        {"behind": beat("behind", 400, offsets={0: 150, 1: 150})},
+        TopicState(
+            **{
+                **STATE.__dict__,
+                "log_start_offsets": {0: 100, 1: 100},
+                "end_offsets": {0: 1100, 1: 1100},
+            }
+        ),
+        NOW,
+    )[0]
+    assert len(many.warnings) == 1 and "partitions 0 (50 past" in many.warnings[0]
     assert any("stalled" in w for w in by_id["stalled"].warnings)
     assert by_id["stopped"].warnings == ["stopped 60s ago"]
     assert any("unhealthy: undecodable" in w for w in by_id["sick"].warnings)

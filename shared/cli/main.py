@@ -113,6 +113,10 @@ def main(log_level: str) -> None:
         level=log_level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    if log_level != "debug":
+        # aiokafka narrates routine client events at INFO (subscriptions, coordinator
+        # discovery); its warnings and errors still show.
+        logging.getLogger("aiokafka").setLevel(max(logging.WARNING, logging.getLogger().level))
 
 
 if __name__ == "__main__":
