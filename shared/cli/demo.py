@@ -245,6 +245,7 @@ async def _run(demo: _Demo, entries: int, rate: int, timeout_s: float) -> bool:
         name: digest_file(demo.work / name / "state.db")
         for name in ("writer", "reader-1", "reader-2")
     }
+    demo.console.print()
     table = Table(title="final check: every replica equals the writer")
     for column in ("store", "seq", "keys", "bootstraps", "sha256"):
         table.add_column(column, overflow="fold")
