@@ -39,6 +39,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
+from walship.shared.crypto import Keyring
 from walship.shared.errors import (
     NoConnectingSnapshotError,
     ReplicaError,
@@ -238,6 +239,7 @@ class Bootstrapper:
         progress: Callable[[str], Progress] = make_progress,
         on_chunk_loaded: Callable[[int], None] | None = None,
         synchronous: str = "normal",
+        keyring: Keyring | None = None,
     ) -> None:
         self.replica_path = Path(replica_path)
         self.fresh_path = _sidecar(self.replica_path, ".bootstrap")
@@ -251,6 +253,7 @@ class Bootstrapper:
         self._progress = progress
         self._on_chunk_loaded = on_chunk_loaded
         self._synchronous = synchronous
+        self._keyring = keyring  # decrypts encrypted chunks (shared/crypto.py)
         self.loaded_chunks = 0  # chunks loaded by this instance (tests count them)
 
     @classmethod
@@ -399,6 +402,11 @@ class Bootstrapper:
         def loaded(i: int) -> bool:
             return store.get(chunks[i].first_key) is not None
 
+        if any(not c.first_key for c in chunks):
+            # Encrypted chunks keep their first key out of the manifest, so the data
+            # cannot be asked. The progress file is written after each chunk commits, so
+            # the hint is at most one chunk behind; reloading it is idempotent (upserts).
+            return done
         while done > 0 and not loaded(done - 1):
             done -= 1
         while done < len(chunks) and loaded(done):
@@ -433,7 +441,9 @@ class Bootstrapper:
                 if info.index + 1 < len(manifest.chunks):  # fetch ahead while loading
                     next_frame = asyncio.ensure_future(self._get_chunk(manifest, info.index + 1))
                 try:
-                    await asyncio.to_thread(self._load_chunk, store, manifest, info.index, frame)
+                    await asyncio.to_thread(
+                        self._load_chunk, store, manifest, info.index, frame, self._keyring
+                    )
                 except BaseException:
                     if next_frame is not None:
                         next_frame.cancel()
@@ -469,9 +479,17 @@ class Bootstrapper:
         return cp
 
     @staticmethod
-    def _load_chunk(store: ReplicaStore, manifest: Manifest, index: int, frame: bytes) -> None:
+    def _load_chunk(
+        store: ReplicaStore,
+        manifest: Manifest,
+        index: int,
+        frame: bytes,
+        keyring: Keyring | None = None,
+    ) -> None:
         info = manifest.chunks[index]
-        keys, values = decode_chunk(frame, snapshot_id=manifest.snapshot_id, index=index, info=info)
+        keys, values = decode_chunk(
+            frame, snapshot_id=manifest.snapshot_id, index=index, info=info, keyring=keyring
+        )
         store.load_items(zip(keys, values, strict=True))
 
     def _finish(self, store: ReplicaStore, manifest: Manifest, cp: Checkpoint) -> None:

@@ -68,6 +68,7 @@ from walship.shared.codec import (
     ZstdDictionary,
     partition_for,
 )
+from walship.shared.crypto import Keyring
 from walship.shared.dictionaries import DictionaryTrainer, load_dictionaries, publish_dictionary
 from walship.shared.errors import (
     ConfigError,
@@ -195,6 +196,7 @@ class Publisher:
         train_dictionary: bool = False,
         dictionary_bytes: int = 16384,
         dictionary_sample_bytes: int = 1 << 20,
+        keyring: Keyring | None = None,
         create_topic: bool = False,
         replication_factor: int = 3,
         topic_configs: Mapping[str, str] | None = None,
@@ -232,6 +234,8 @@ class Publisher:
         self._owns_reader = False
         self._zstd_level = zstd_level
         self._dictionary = dictionary
+        # Payloads are encrypted with keyring.current_id when set (docs/wire-format.md).
+        self._keyring = keyring
         # Trains a zstd dictionary on the first transactions, then ships and uses it.
         self._trainer: DictionaryTrainer | None = None
         if train_dictionary and dictionary is None:
@@ -389,6 +393,7 @@ class Publisher:
             message_bytes_max=self.message_bytes_max,
             level=self._zstd_level,
             dictionary=self._dictionary,
+            keyring=self._keyring,
         )
 
     def _refresh_identity(self) -> None:

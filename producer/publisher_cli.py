@@ -52,6 +52,7 @@ def publisher_from_settings(settings: WalshipSettings, **overrides: Any) -> Publ
         "train_dictionary": p.zstd_dictionary,
         "dictionary_bytes": p.dictionary_bytes,
         "dictionary_sample_bytes": p.dictionary_sample_bytes,
+        "keyring": settings.keyring(),
         "create_topic": p.auto_create_topic,
         "replication_factor": settings.topic.replication_factor,
         "topic_configs": _topic_configs(settings),
@@ -84,6 +85,7 @@ def writer_snapshot_scheduler(settings: WalshipSettings) -> SnapshotScheduler | 
         topic=settings.topic.name,
         partitions=settings.topic.partitions,
         policy=policy,
+        keyring=settings.keyring(),
     )
 
 

@@ -8,7 +8,7 @@ Kafka value = 76-byte header (big-endian) followed by the payload:
     offset size field
     0      4    magic              b"WSHP"
     4      1    version            FORMAT_VERSION (1)
-    5      1    flags              no flag is defined in version 1: must be 0
+    5      1    flags              bit 0 ENCRYPTED (FLAG_ENCRYPTED); other bits must be 0
     6      1    codec              0 none, 1 zstd, 2 zstd with dictionary
     7      1    reserved           must be 0
     8      8    first_seq          seq of the first entry in this message (>= 1)
@@ -18,12 +18,22 @@ Kafka value = 76-byte header (big-endian) followed by the payload:
     32     4    part_index         0-based; 0 for a whole batch
     36     4    part_count         1 for a whole batch, > 1 for the parts of one transaction
     40     4    uncompressed_bytes length of the msgpack body
-    44     4    compressed_bytes   length of the payload (= uncompressed_bytes for codec 0)
+    44     4    compressed_bytes   length of the stored payload, always len(value) - 76
+                                       (= uncompressed_bytes for codec 0 unencrypted; + 32 encrypted)
     48     4    dict_id            zstd dictionary id for codec 2, else 0
     52     16   stream_id          the writer's stream id
     68     4    epoch              the writer's epoch
     72     4    crc32c             CRC32C (Castagnoli) of bytes 0..71 then the uncompressed body
     76     ...  payload            compressed_bytes bytes: the body, compressed per codec
+
+Encrypted payload (flags bit 0; shared/crypto.py), AES-256-GCM:
+
+    0      4    key_id             u32, which key of the reader's keyring (encryption_keys)
+    4      12   nonce              random per message
+    16     n+16 sealed             ciphertext of the n-byte compressed payload, then the GCM tag
+
+AAD = the 76-byte header *with* the crc32c field, so every header field is
+authenticated. The CRC stays over bytes 0..71 and the uncompressed body.
 
 Body (msgpack, columnar so that decoding is a handful of C calls, not a loop):
 
@@ -51,10 +61,13 @@ import crc32c
 import msgpack
 import zstandard
 from walship.shared.codec_dict import ZstdDictionary, train_dictionary
+from walship.shared.crypto import OVERHEAD_BYTES as _CRYPTO_OVERHEAD
+from walship.shared.crypto import Keyring
 from walship.shared.errors import DecodeError
 from walship.shared.model import Batch, Op, Transaction, WriterId
 
 __all__ = [
+    "FLAG_ENCRYPTED",
     "FORMAT_VERSION",
     "HEADER_BYTES",
     "MAGIC",
@@ -79,7 +92,8 @@ __all__ = [
 MAGIC = b"WSHP"
 FORMAT_VERSION = 1
 MESSAGE_BYTES_MAX_DEFAULT = 900_000  # stays below Kafka's default 1 MB
-KNOWN_FLAGS = 0  # no flag defined yet; unknown flags are refused, never ignored
+FLAG_ENCRYPTED = 0x01  # payload = key_id + nonce + AES-256-GCM(payload) (shared/crypto.py)
+KNOWN_FLAGS = FLAG_ENCRYPTED  # unknown flags are refused, never ignored
 
 _HEADER = struct.Struct(">4sBBBBQQIIIIIII16sII")
 HEADER_BYTES = _HEADER.size  # 76
@@ -156,6 +170,10 @@ class Header:
     @property
     def is_part(self) -> bool:
         return self.part_count > 1
+
+    @property
+    def encrypted(self) -> bool:
+        return bool(self.flags & FLAG_ENCRYPTED)
 
 
 @dataclass(frozen=True, slots=True)
@@ -247,7 +265,10 @@ class Encoder:
         message_bytes_max: int = MESSAGE_BYTES_MAX_DEFAULT,
         level: int = 3,
         dictionary: ZstdDictionary | None = None,
+        keyring: Keyring | None = None,
     ) -> None:
+        """``keyring``: payloads are encrypted with its ``current_id`` key when it has one
+        (a keyring without a current id encrypts nothing)."""
         if not _MESSAGE_BYTES_MIN <= message_bytes_max <= _U32_MAX:
             raise ValueError(
                 f"message_bytes_max must be in {_MESSAGE_BYTES_MIN}..{_U32_MAX}, "
@@ -255,7 +276,11 @@ class Encoder:
             )
         self._writer = writer
         self._message_bytes_max = message_bytes_max
-        self._body_bytes_max = message_bytes_max - HEADER_BYTES
+        self._keyring = keyring
+        self._key_id = keyring.current_id if keyring is not None else None
+        # Encryption adds a fixed overhead; the body budget shrinks by it so messages still fit.
+        overhead = _CRYPTO_OVERHEAD if self._key_id is not None else 0
+        self._body_bytes_max = message_bytes_max - HEADER_BYTES - overhead
         self._dictionary = dictionary
         # Content size in the frame lets readers refuse bombs before allocating;
         # no zstd checksum and no dict id in the frame: the header carries both.
@@ -384,11 +409,12 @@ class Encoder:
             payload, codec, dict_id = body, Codec.NONE, 0
         entry_count = len(s.keys)
         last_seq = s.first_seq + entry_count - 1
+        encrypted = self._key_id is not None
         header = bytearray(
             _HEADER.pack(
                 MAGIC,
                 FORMAT_VERSION,
-                0,
+                FLAG_ENCRYPTED if encrypted else 0,
                 codec,
                 0,
                 s.first_seq,
@@ -398,7 +424,7 @@ class Encoder:
                 part_index,
                 part_count,
                 len(body),
-                len(payload),
+                len(payload) + (_CRYPTO_OVERHEAD if encrypted else 0),
                 dict_id,
                 self._writer.stream_id,
                 self._writer.epoch,
@@ -407,6 +433,9 @@ class Encoder:
         )
         crc = crc32c.crc32c(body, crc32c.crc32c(memoryview(header)[:_CRC_OFFSET]))
         header[_CRC_OFFSET:] = crc.to_bytes(4, "big")
+        if self._keyring is not None and self._key_id is not None:
+            # The whole header, crc included, is the AAD: header fields are authenticated.
+            payload = self._keyring.encrypt(self._key_id, payload, bytes(header))
         return EncodedMessage(
             key=message_key(s.first_seq),
             value=bytes(header) + payload,
@@ -501,9 +530,18 @@ def _parse_header(value: bytes | bytearray | memoryview, size: int) -> Header:
             f"header says {compressed} payload bytes, message has {size - HEADER_BYTES}",
             first_seq=first_seq,
         )
-    if codec == Codec.NONE and uncompressed != compressed:
+    stored = compressed
+    if flags & FLAG_ENCRYPTED:
+        stored -= _CRYPTO_OVERHEAD
+        if stored < 0:
+            raise DecodeError(
+                f"encrypted payload of {compressed} bytes is shorter than the "
+                f"{_CRYPTO_OVERHEAD}-byte encryption overhead",
+                first_seq=first_seq,
+            )
+    if codec == Codec.NONE and uncompressed != stored:
         raise DecodeError(
-            f"uncompressed message with lengths {uncompressed} != {compressed}",
+            f"uncompressed message with lengths {uncompressed} != {stored}",
             first_seq=first_seq,
         )
     # Every entry takes at least 3 body bytes (op, key header, value header).
@@ -601,9 +639,13 @@ class Decoder:
         dictionaries: Mapping[int, ZstdDictionary] | None = None,
         message_bytes_max: int = 16 * MESSAGE_BYTES_MAX_DEFAULT,
         body_bytes_max: int = 64 << 20,
+        keyring: Keyring | None = None,
     ) -> None:
+        """``keyring``: the keys encrypted messages may name (old and new during a
+        rotation); without one, an encrypted message is refused naming its key id."""
         if message_bytes_max < HEADER_BYTES or body_bytes_max < 1:
             raise ValueError("message_bytes_max and body_bytes_max must be positive sizes")
+        self._keyring = keyring if keyring is not None else Keyring({})
         self._message_bytes_max = message_bytes_max
         self._body_bytes_max = body_bytes_max
         self._dctx = zstandard.ZstdDecompressor()
@@ -638,6 +680,8 @@ class Decoder:
                 first_seq=h.first_seq,
             )
         payload = memoryview(value)[HEADER_BYTES:]
+        if h.encrypted:
+            payload = memoryview(self._decrypt(value, h))
         body = payload if h.codec == Codec.NONE else self._decompress(payload, h)
         crc = crc32c.crc32c(body, crc32c.crc32c(memoryview(value)[:_CRC_OFFSET]))
         if crc != h.crc32c:
@@ -668,6 +712,13 @@ class Decoder:
             part_index=h.part_index,
             part_count=h.part_count,
         )
+
+    def _decrypt(self, value: bytes, h: Header) -> bytes:
+        view = memoryview(value)
+        try:
+            return self._keyring.decrypt(view[HEADER_BYTES:], view[:HEADER_BYTES], what="message")
+        except DecodeError as exc:
+            raise DecodeError(exc.message, **exc.context, first_seq=h.first_seq) from None
 
     def _decompress(self, payload: memoryview, h: Header) -> bytes:
         if h.codec == Codec.ZSTD_DICT:

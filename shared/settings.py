@@ -43,6 +43,7 @@ from pydantic_settings import (
     SettingsError,
     TomlConfigSettingsSource,
 )
+from walship.shared.crypto import KEY_ID_MAX, Keyring, decode_key
 from walship.shared.errors import ConfigError
 
 ENV_PREFIX = "WALSHIP_"
@@ -486,6 +487,62 @@ class WalshipSettings(BaseSettings):
     telemetry: TelemetrySettings = Field(default_factory=TelemetrySettings)
     producer: ProducerSettings = Field(default_factory=ProducerSettings)
     consumer: ConsumerSettings = Field(default_factory=ConsumerSettings)
+    encryption_key_id: int | None = Field(
+        default=None,
+        ge=1,
+        le=KEY_ID_MAX,
+        description="Key (an id of encryption_keys) that encrypts new Kafka payloads and "
+        "snapshot chunks with AES-256-GCM; unset: no encryption.",
+    )
+    encryption_keys: dict[int, SecretStr] = Field(
+        default_factory=dict,
+        description="Keyring: id (1..4294967295) -> base64 of a 32-byte key, e.g. "
+        '`{"1": "<base64>"}`; readers need every id still in the log and snapshots '
+        "(never logged or printed).",
+        json_schema_extra={"default_doc": "{}"},
+    )
+
+    @field_validator("encryption_keys")
+    @classmethod
+    def _check_encryption_keys(cls, value: dict[int, SecretStr]) -> dict[int, SecretStr]:
+        # Messages name the key id, never the key.
+        for key_id, secret in value.items():
+            if not 1 <= key_id <= KEY_ID_MAX:
+                raise ValueError(f"key id {key_id} is not in 1..{KEY_ID_MAX}")
+            try:
+                decode_key(secret.get_secret_value())
+            except ValueError as exc:
+                raise ValueError(f"key {key_id} {exc}") from None
+        return value
+
+    @model_validator(mode="after")
+    def _check_encryption_key_id(self) -> WalshipSettings:
+        current = self.encryption_key_id
+        if current is not None and current not in self.encryption_keys:
+            held = ", ".join(map(str, sorted(self.encryption_keys))) or "none"
+            raise _field_error(
+                "encryption_key_id",
+                current,
+                f"names no key of encryption_keys (ids: {held})",
+            )
+        if current is not None and self.producer.zstd_dictionary:
+            # A dictionary is trained on payloads and shipped in plaintext on <topic>.dicts.
+            raise _field_error(
+                "producer.zstd_dictionary",
+                True,
+                "cannot be used with encryption_key_id: the dictionary is trained on "
+                "payload data and shipped unencrypted on <topic>.dicts",
+            )
+        return self
+
+    def keyring(self) -> Keyring | None:
+        """The keyring for encoders and decoders; None when no key is configured."""
+        if not self.encryption_keys:
+            return None
+        return Keyring.from_base64(
+            {i: k.get_secret_value() for i, k in self.encryption_keys.items()},
+            self.encryption_key_id,
+        )
 
     @field_validator("snapshot_url")
     @classmethod
@@ -661,7 +718,11 @@ def _format_problems(exc: ValidationError, sources: _Sources) -> list[str]:
             has_value = False  # a whole table: the message says what is wrong
         if err["type"] == "missing" or not has_value:
             shown = ""
-        elif dotted in secrets or isinstance(value, SecretStr):
+        elif (
+            dotted in secrets
+            or any(dotted.startswith(f"{s}.") for s in secrets)
+            or isinstance(value, SecretStr)
+        ):
             shown = f" = {SECRET_MASK}"
         else:
             shown = f" = {value!r}"

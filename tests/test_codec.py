@@ -519,7 +519,7 @@ def test_hand_built_message_is_accepted() -> None:
     [
         ({"magic": b"XXXX"}, "magic"),
         ({"version": 2}, "version"),
-        ({"flags": 1}, "flags"),
+        ({"flags": 2}, "flags"),  # bit 0 is ENCRYPTED (tests/test_crypto.py)
         ({"reserved": 1}, "reserved"),
         ({"codec": 3}, "codec"),
         ({"first_seq": 0}, "first_seq"),

@@ -134,6 +134,7 @@ def create_cmd(
                     partitions=partitions,
                     chunk_keys=chunk_keys,
                     progress=progress,
+                    keyring=settings.keyring(),
                 )
         else:
             m = await create_from_data_dir(
@@ -143,6 +144,7 @@ def create_cmd(
                 partitions=partitions,
                 chunk_keys=chunk_keys,
                 progress=progress,
+                keyring=settings.keyring(),
             )
         if keep is not None:
             await store.retain(keep)
@@ -216,7 +218,11 @@ def verify_cmd(
         reports = []
         for m in targets:
             try:
-                reports.append(await verify_snapshot(store, m, raise_on_error=False))
+                reports.append(
+                    await verify_snapshot(
+                        store, m, raise_on_error=False, keyring=settings.keyring()
+                    )
+                )
             except SnapshotCorruptError as exc:
                 reports.append(VerifyReport(m.snapshot_id, problems=[str(exc)]))
         return reports
@@ -327,6 +333,7 @@ def restore_cmd(
             client_kwargs=kwargs,
             force=force,
             progress=make_progress("restore: replay"),
+            keyring=settings.keyring(),
         )
         return f"restored {out}: seq {digest.seq}, {digest.keys} keys, sha256 {digest.sha256}"
 

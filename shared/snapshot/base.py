@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
+from walship.shared.crypto import Keyring
 from walship.shared.errors import SnapshotCorruptError
 from walship.shared.snapshot.format import Manifest, check_chunk, decode_chunk, newest_first
 from walship.shared.store import DigestBuilder
@@ -85,7 +86,11 @@ class VerifyReport:
 
 
 async def verify_snapshot(
-    store: SnapshotStore, manifest: Manifest, *, raise_on_error: bool = True
+    store: SnapshotStore,
+    manifest: Manifest,
+    *,
+    raise_on_error: bool = True,
+    keyring: Keyring | None = None,
 ) -> VerifyReport:
     """Read every chunk: frame CRC, decode, key order, counts, then the state digest.
 
@@ -100,7 +105,7 @@ async def verify_snapshot(
         try:
             frame = await store.get_chunk(sid, info.index)
             check_chunk(frame, info, snapshot_id=sid)
-            keys, values = decode_chunk(frame, snapshot_id=sid, index=info.index)
+            keys, values = decode_chunk(frame, snapshot_id=sid, index=info.index, keyring=keyring)
             if len(keys) != info.keys:
                 raise SnapshotCorruptError(
                     f"chunk holds {len(keys)} keys, manifest says {info.keys}",

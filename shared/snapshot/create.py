@@ -15,6 +15,7 @@ from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from walship.shared.crypto import Keyring
 from walship.shared.errors import SnapshotError, WalshipError
 from walship.shared.model import WriterId
 from walship.shared.snapshot.base import SnapshotStore
@@ -79,8 +80,11 @@ async def write_snapshot(
     level: int = ZSTD_LEVEL_DEFAULT,
     created_at_us: int | None = None,
     progress: Progress | None = None,
+    keyring: Keyring | None = None,
 ) -> Manifest:
     """Store key-sorted ``chunks`` as snapshot ``seq``: every chunk, then the manifest.
+
+    Chunks are encrypted with ``keyring.current_id`` when set (the manifest stays plaintext).
 
     Compression runs in a worker thread while the previous chunk is stored, so
     the event loop stays responsive and disk/network overlap with CPU.
@@ -100,7 +104,9 @@ async def write_snapshot(
             rechunk(chunks, keys_max=chunk_keys, raw_bytes_max=chunk_raw_bytes_max)
         ):
             digest.update(zip(keys, values, strict=True))
-            frame = await asyncio.to_thread(encode_chunk, keys, values, level=level)
+            frame = await asyncio.to_thread(
+                encode_chunk, keys, values, level=level, keyring=keyring
+            )
             infos.append(chunk_info(index, frame, keys))
             raw_total += raw
             if pending is not None:
@@ -166,6 +172,7 @@ async def create_snapshot(
     chunk_keys: int = CHUNK_KEYS_DEFAULT,
     level: int = ZSTD_LEVEL_DEFAULT,
     progress: Progress | None = None,
+    keyring: Keyring | None = None,
 ) -> Manifest:
     """Snapshot ``store`` at its current sequence, without stopping writes.
 
@@ -206,6 +213,7 @@ async def create_snapshot(
             chunk_keys=chunk_keys,
             level=level,
             progress=progress,
+            keyring=keyring,
         )
 
 
@@ -219,6 +227,7 @@ async def create_from_data_dir(
     retry_s: float = 0.1,
     chunk_keys: int = CHUNK_KEYS_DEFAULT,
     progress: Progress | None = None,
+    keyring: Keyring | None = None,
 ) -> Manifest:
     """Snapshot the writer's ``<data-dir>/state.db`` with the publisher's offsets.
 
@@ -247,6 +256,7 @@ async def create_from_data_dir(
                     source="writer",
                     chunk_keys=chunk_keys,
                     progress=progress,
+                    keyring=keyring,
                 )
                 await asyncio.to_thread(record_snapshotted, Path(data_dir), manifest.seq)
                 return manifest
@@ -355,6 +365,7 @@ class SnapshotScheduler:
         partitions: int,
         policy: SchedulePolicy | None = None,
         clock: Callable[[], float] = time.monotonic,
+        keyring: Keyring | None = None,
     ) -> SnapshotScheduler:
         db = Path(data_dir) / "state.db"
 
@@ -365,7 +376,7 @@ class SnapshotScheduler:
         return cls(
             snapshot_store,
             make=lambda: create_from_data_dir(
-                data_dir, snapshot_store, topic=topic, partitions=partitions
+                data_dir, snapshot_store, topic=topic, partitions=partitions, keyring=keyring
             ),
             current_seq=current_seq,
             policy=policy,
@@ -382,11 +393,17 @@ class SnapshotScheduler:
         partitions: int,
         policy: SchedulePolicy | None = None,
         clock: Callable[[], float] = time.monotonic,
+        keyring: Keyring | None = None,
     ) -> SnapshotScheduler:
         async def make() -> Manifest:
             with ReplicaStore(replica_path) as s:
                 return await create_snapshot(
-                    s, snapshot_store, topic=topic, partitions=partitions, source="replica"
+                    s,
+                    snapshot_store,
+                    topic=topic,
+                    partitions=partitions,
+                    source="replica",
+                    keyring=keyring,
                 )
 
         def current_seq() -> int:

@@ -13,12 +13,18 @@ Chunk frame (big-endian)::
     0  magic     4  b"WSNC"
     4  version   1  CHUNK_VERSION
     5  codec     1  1 = zstd
-    6  flags     2  0 (reserved)
+    6  flags     2  bit 0 ENCRYPTED (CHUNK_FLAG_ENCRYPTED); other bits must be 0
     8  keys      4  number of key/value pairs
     12 body      4  uncompressed body length
-    16 payload   4  compressed payload length (= frame length - 24)
+    16 payload   4  stored payload length (= frame length - 24)
     20 crc32c    4  CRC32C over bytes 0..19 and the *uncompressed* body
     24 payload      zstd(msgpack([keys: list[bin], values: list[bin]]))
+
+Encrypted chunks (flags bit 0, shared/crypto.py) store the payload as key_id
+(u32) + nonce (12) + AES-256-GCM(zstd frame) + tag (16), with the 24-byte
+header (crc included) as associated data. Manifests stay plaintext JSON: they
+hold counts, offsets, the SHA-256 state digest and each chunk's first key in
+hex; a first key is user data, so an encrypted chunk's first_key is left empty.
 
 Every length is checked against a bound before anything is allocated, so a
 corrupt or hostile chunk costs at most ``body_bytes_max`` of memory.
@@ -36,12 +42,16 @@ from typing import Any
 import crc32c
 import msgpack
 import zstandard
-from walship.shared.errors import SnapshotCorruptError
+from walship.shared.crypto import OVERHEAD_BYTES as _CRYPTO_OVERHEAD
+from walship.shared.crypto import Keyring
+from walship.shared.errors import DecodeError, SnapshotCorruptError
 
 FORMAT_VERSION = 1
 CHUNK_VERSION = 1
 CHUNK_MAGIC = b"WSNC"
 CODEC_ZSTD = 1
+CHUNK_FLAG_ENCRYPTED = 0x0001
+_CHUNK_KNOWN_FLAGS = CHUNK_FLAG_ENCRYPTED
 _HEADER = struct.Struct(">4sBBHIII")  # magic, version, codec, flags, keys, body, payload
 _CRC = struct.Struct(">I")
 CHUNK_HEADER_BYTES = _HEADER.size + _CRC.size  # 24
@@ -106,17 +116,36 @@ class ChunkInfo:
         )
 
 
-def encode_chunk(keys: Sequence[bytes], values: Sequence[bytes], *, level: int = 3) -> bytes:
-    """Frame one chunk of key-sorted pairs."""
+def encode_chunk(
+    keys: Sequence[bytes],
+    values: Sequence[bytes],
+    *,
+    level: int = 3,
+    keyring: Keyring | None = None,
+) -> bytes:
+    """Frame one chunk of key-sorted pairs; encrypted with ``keyring.current_id`` if set."""
     if len(keys) != len(values):
         raise ValueError("keys and values differ in length")
     body = msgpack.packb([list(keys), list(values)], use_bin_type=True)
     payload = zstandard.ZstdCompressor(level=level, write_content_size=True).compress(body)
+    key_id = keyring.current_id if keyring is not None else None
+    flags = 0 if key_id is None else CHUNK_FLAG_ENCRYPTED
+    stored = len(payload) + (0 if key_id is None else _CRYPTO_OVERHEAD)
     header = _HEADER.pack(
-        CHUNK_MAGIC, CHUNK_VERSION, CODEC_ZSTD, 0, len(keys), len(body), len(payload)
+        CHUNK_MAGIC, CHUNK_VERSION, CODEC_ZSTD, flags, len(keys), len(body), stored
     )
     crc = crc32c.crc32c(body, crc32c.crc32c(header))
-    return header + _CRC.pack(crc) + payload
+    head = header + _CRC.pack(crc)
+    if keyring is not None and key_id is not None:
+        payload = keyring.encrypt(key_id, payload, head)
+    return head + payload
+
+
+def chunk_is_encrypted(frame: bytes) -> bool:
+    """True if a (well-formed) frame's payload is encrypted."""
+    if len(frame) < CHUNK_HEADER_BYTES:
+        return False
+    return bool(_HEADER.unpack_from(frame)[3] & CHUNK_FLAG_ENCRYPTED)
 
 
 def chunk_info(index: int, frame: bytes, keys: Sequence[bytes]) -> ChunkInfo:
@@ -126,7 +155,8 @@ def chunk_info(index: int, frame: bytes, keys: Sequence[bytes]) -> ChunkInfo:
         keys=len(keys),
         stored_bytes=len(frame),
         crc32c=crc32c.crc32c(frame),
-        first_key=keys[0] if keys else b"",
+        # An encrypted chunk's first key stays out of the plaintext manifest.
+        first_key=keys[0] if keys and not chunk_is_encrypted(frame) else b"",
     )
 
 
@@ -154,8 +184,13 @@ def decode_chunk(
     index: int,
     info: ChunkInfo | None = None,
     body_bytes_max: int = BODY_BYTES_MAX_DEFAULT,
+    keyring: Keyring | None = None,
 ) -> tuple[list[bytes], list[bytes]]:
-    """(keys, values) of one frame, verified; SnapshotCorruptError naming snapshot/chunk."""
+    """(keys, values) of one frame, verified; SnapshotCorruptError naming snapshot/chunk.
+
+    An encrypted frame needs ``keyring`` holding its key; otherwise the error
+    names the key id ("configure encryption_keys").
+    """
 
     def corrupt(why: str) -> SnapshotCorruptError:
         return SnapshotCorruptError(
@@ -166,13 +201,15 @@ def decode_chunk(
         check_chunk(frame, info, snapshot_id=snapshot_id)
     if len(frame) < CHUNK_HEADER_BYTES:
         raise corrupt(f"{len(frame)} bytes is shorter than the {CHUNK_HEADER_BYTES}-byte header")
-    magic, version, codec, _flags, n_keys, body_len, payload_len = _HEADER.unpack_from(frame)
+    magic, version, codec, flags, n_keys, body_len, payload_len = _HEADER.unpack_from(frame)
     if magic != CHUNK_MAGIC:
         raise corrupt(f"bad magic {magic!r}")
     if version != CHUNK_VERSION:
         raise corrupt(f"unknown chunk version {version}")
     if codec != CODEC_ZSTD:
         raise corrupt(f"unknown codec {codec}")
+    if flags & ~_CHUNK_KNOWN_FLAGS:
+        raise corrupt(f"unknown flags 0x{flags:04x}")
     if payload_len != len(frame) - CHUNK_HEADER_BYTES:
         raise corrupt(f"payload length {payload_len} != {len(frame) - CHUNK_HEADER_BYTES}")
     if body_len > body_bytes_max:
@@ -182,6 +219,19 @@ def decode_chunk(
         raise corrupt(f"{n_keys} keys cannot fit in {body_len} bytes")
     (expected_crc,) = _CRC.unpack_from(frame, _HEADER.size)
     payload = memoryview(frame)[CHUNK_HEADER_BYTES:]
+    if flags & CHUNK_FLAG_ENCRYPTED:
+        ring = keyring if keyring is not None else Keyring({})
+        view = memoryview(frame)
+        try:
+            payload = memoryview(
+                ring.decrypt(
+                    view[CHUNK_HEADER_BYTES:], view[:CHUNK_HEADER_BYTES], what="snapshot chunk"
+                )
+            )
+        except DecodeError as exc:
+            raise SnapshotCorruptError(
+                exc.message, **exc.context, snapshot=snapshot_id, chunk=index
+            ) from None
     try:
         params = zstandard.get_frame_parameters(payload)
         if params.content_size != body_len:

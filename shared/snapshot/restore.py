@@ -25,6 +25,7 @@ from typing import Any
 from walship.consumer.bootstrap import Bootstrapper, LogInspector, LogView, swap_database
 from walship.consumer.merge import SequenceMerger
 from walship.shared.codec import Decoder, PartAssembler
+from walship.shared.crypto import Keyring
 from walship.shared.dictionaries import learn_dictionaries
 from walship.shared.errors import ConfigError, DecodeError, SnapshotError, SnapshotNotFoundError
 from walship.shared.model import Batch
@@ -241,8 +242,12 @@ async def restore(
     decoder: Decoder | None = None,
     progress: Progress | None = None,
     fetch_timeout_ms: int = 10_000,
+    keyring: Keyring | None = None,
 ) -> Digest:
-    """Execute ``plan`` into ``out``; returns the digest of the restored replica."""
+    """Execute ``plan`` into ``out``; returns the digest of the restored replica.
+
+    ``keyring`` decrypts encrypted snapshot chunks and, when no ``decoder`` is
+    given, encrypted messages."""
     out = Path(out)
     if out.exists() and not force:
         raise ConfigError(f"{out} exists; pass --force to overwrite it", path=str(out))
@@ -257,13 +262,19 @@ async def restore(
             topic=plan.topic,
             inspect_log=_fixed(plan.log_view),
             progress=lambda _: make_progress("restore: snapshot"),
+            keyring=keyring,
         )
         await loader.load(plan.snapshot)
     store = ReplicaStore(work)
     try:
         if plan.target.to_seq is None or plan.target.to_seq > plan.base_seq:
             await _replay(
-                plan, store, client_kwargs, decoder or Decoder(), progress, fetch_timeout_ms
+                plan,
+                store,
+                client_kwargs,
+                decoder or Decoder(keyring=keyring),
+                progress,
+                fetch_timeout_ms,
             )
         digest = store.digest()
     finally:
