@@ -10,8 +10,10 @@ into batches that are dense from ``applied_seq + 1``:
 - a batch overlapping the applied sequence is trimmed with ``Batch.drop_through``;
 - a batch starting beyond ``applied_seq + 1`` waits until the gap is filled;
 - two batches saying different things about the same sequence are refused with
-  ``SplitBrainError`` (a second writer): content is compared whenever both are
-  at hand (pending together, or the other one is still in the recent history);
+  ``SplitBrainError`` (a second writer): a batch at or below the applied
+  sequence is compared, transaction by transaction, with the fingerprints of
+  what was applied (see ``AppliedHistory``): different content, or different
+  transaction boundaries, is a split brain;
 - a batch of another stream (different ``stream_id``) is refused outright.
 
 A writer restarted with a higher epoch continues the sequences: that is not a
@@ -31,10 +33,14 @@ it would lose them on a restart, and the transaction with them).
 
 from __future__ import annotations
 
+import bisect
+import hashlib
 import heapq
 import itertools
+import struct
+from array import array
 from collections import deque
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from walship.shared.errors import SplitBrainError
@@ -43,7 +49,14 @@ from walship.shared.model import Batch, WriterId
 # Rough per-entry overhead of a decoded entry (two bytes objects, list slots):
 # the buffer limits are about memory, not payload bytes.
 ENTRY_OVERHEAD_BYTES = 80
-HISTORY_ENTRIES_MAX_DEFAULT = 200_000
+# The split-brain history keeps a 24-byte fingerprint per applied transaction
+# (plus ~250 bytes per applied batch), not the entries: 1,000,000 sequences cost
+# ~2.5 MB with 10-entry transactions; the transaction bound caps the worst case
+# (1-entry transactions) at ~6 MB.
+HISTORY_ENTRIES_MAX_DEFAULT = 1_000_000
+HISTORY_TXNS_MAX_DEFAULT = 262_144
+FINGERPRINT_BYTES = 16
+_TXN_HEAD = struct.Struct(">qqI")
 
 
 def batch_nbytes(batch: Batch) -> int:
@@ -90,10 +103,54 @@ class Ready:
         return sum(b.entry_count for b in self.batches)
 
 
-@dataclass(slots=True)
+def transaction_fingerprints(batch: Batch) -> tuple[array[int], bytes]:
+    """(first seq of each transaction, 16-byte blake2b of each, concatenated).
+
+    A fingerprint covers the transaction's first seq, timestamp, ops, keys and
+    values (lengths included, so no two different transactions share an input):
+    equal fingerprints mean equal transactions, short of a 128-bit collision.
+    """
+    firsts: array[int] = array("q")
+    out = bytearray()
+    ops, keys, values = batch.ops, batch.keys, batch.values
+    start = 0
+    seq = batch.first_seq
+    for size, ts in zip(batch.txn_sizes, batch.txn_timestamps_us, strict=True):
+        end = start + size
+        h = hashlib.blake2b(_TXN_HEAD.pack(seq, ts, size), digest_size=FINGERPRINT_BYTES)
+        h.update(ops[start:end])
+        k = keys[start:end]
+        v = values[start:end]
+        h.update(array("I", map(len, k)).tobytes())
+        h.update(array("I", map(len, v)).tobytes())
+        h.update(b"".join(k))
+        h.update(b"".join(v))
+        out += h.digest()
+        firsts.append(seq)
+        seq += size
+        start = end
+    return firsts, bytes(out)
+
+
+@dataclass(frozen=True, slots=True)
 class _Applied:
-    batch: Batch
+    """What the history keeps of one applied batch: fingerprints, not entries."""
+
+    first_seq: int
+    last_seq: int
+    txn_firsts: array[int]
+    fingerprints: bytes  # FINGERPRINT_BYTES per transaction, parallel to txn_firsts
+    writer: WriterId
     source: Source
+
+    def txn_at(self, first_seq: int) -> tuple[int, bytes] | None:
+        """(last seq, fingerprint) of the transaction starting at ``first_seq``, or None
+        when no transaction of this batch starts there."""
+        i = bisect.bisect_left(self.txn_firsts, first_seq)
+        if i == len(self.txn_firsts) or self.txn_firsts[i] != first_seq:
+            return None
+        last = self.txn_firsts[i + 1] - 1 if i + 1 < len(self.txn_firsts) else self.last_seq
+        return last, self.fingerprints[i * FINGERPRINT_BYTES : (i + 1) * FINGERPRINT_BYTES]
 
 
 @dataclass(slots=True)
@@ -115,6 +172,7 @@ class SequenceMerger:
         *,
         writer: WriterId | None = None,
         history_entries_max: int = HISTORY_ENTRIES_MAX_DEFAULT,
+        history_txns_max: int = HISTORY_TXNS_MAX_DEFAULT,
     ) -> None:
         if applied_seq < 0:
             raise ValueError("applied_seq must be >= 0")
@@ -125,6 +183,7 @@ class SequenceMerger:
         self._writer = writer
         self._stream_id = writer.stream_id if writer is not None else None
         self._history_entries_max = history_entries_max
+        self._history_txns_max = history_txns_max
         self._heap: list[tuple[int, int, _Item]] = []
         self._tiebreak = itertools.count()
         self._by_partition: dict[int, deque[_Item]] = {}
@@ -134,6 +193,7 @@ class SequenceMerger:
         self._buffered_bytes: dict[int, int] = {}
         self._history: deque[_Applied] = deque()
         self._history_entries = 0
+        self._history_txns = 0
         self.stats = MergeStats()
 
     # --- state -------------------------------------------------------------
@@ -166,6 +226,15 @@ class SequenceMerger:
     @property
     def buffered_batches(self) -> int:
         return len(self._heap)
+
+    def buffered_heads(self) -> dict[int, int]:
+        """Per partition with batches buffered: the lowest first seq among them."""
+        heads: dict[int, int] = {}
+        for p, items in self._by_partition.items():
+            firsts = [i.batch.first_seq for i in items if not i.done]
+            if firsts:
+                heads[p] = min(firsts)
+        return heads
 
     def earliest_buffered_seq(self) -> int | None:
         return self._heap[0][0] if self._heap else None
@@ -342,17 +411,25 @@ class SequenceMerger:
             ) from exc
 
     def _remember(self, batch: Batch, source: Source) -> None:
-        self._history.append(_Applied(batch, source))
+        firsts, fingerprints = transaction_fingerprints(batch)
+        self._history.append(
+            _Applied(batch.first_seq, batch.last_seq, firsts, fingerprints, batch.writer, source)
+        )
         self._history_entries += batch.entry_count
-        while self._history and self._history_entries > self._history_entries_max:
+        self._history_txns += len(firsts)
+        while self._history and (
+            self._history_entries > self._history_entries_max
+            or self._history_txns > self._history_txns_max
+        ):
             old = self._history.popleft()
-            self._history_entries -= old.batch.entry_count
+            self._history_entries -= old.last_seq - old.first_seq + 1
+            self._history_txns -= len(old.txn_firsts)
 
     def _history_at(self, seq: int) -> _Applied | None:
         for applied in reversed(self._history):
-            if applied.batch.first_seq <= seq <= applied.batch.last_seq:
+            if applied.first_seq <= seq <= applied.last_seq:
                 return applied
-            if applied.batch.last_seq < seq:
+            if applied.last_seq < seq:
                 break
         return None
 
@@ -361,27 +438,49 @@ class SequenceMerger:
         if applied is None:
             return "no longer in memory"
         return (
-            f"{describe_writer(applied.batch.writer)} at partition "
+            f"{describe_writer(applied.writer)} at partition "
             f"{applied.source.partition} offset {applied.source.offset}"
         )
 
     def _check_history(self, item: _Item, through: int) -> None:
-        """Compare ``item.batch``'s entries up to ``through`` with what was applied."""
+        """Compare ``item.batch``'s transactions ending at or before ``through`` with the
+        fingerprints of what was applied. Transaction boundaries are fixed by the
+        writer's WAL, so a transaction of it that does not start and end where an
+        applied one does was written by someone else. A transaction crossing
+        ``through`` is ``_trim``'s to refuse; one older than the history is not
+        compared (nothing is left to compare it with)."""
         batch = item.batch
-        for applied in reversed(self._history):
-            old = applied.batch
-            if old.last_seq < batch.first_seq:
+        if not self._history or batch.first_seq > self._history[-1].last_seq:
+            return
+        oldest = self._history[0].first_seq
+        firsts, fingerprints = transaction_fingerprints(batch)
+        for i, first in enumerate(firsts):
+            last = firsts[i + 1] - 1 if i + 1 < len(firsts) else batch.last_seq
+            if last > through:
                 break
-            lo = max(batch.first_seq, old.first_seq)
-            hi = min(through, old.last_seq)
-            if lo > hi:
+            if first < oldest:
                 continue
-            if not _same_entries(batch, old, lo, hi):
+            applied = self._history_at(first)
+            if applied is None:
+                continue
+            mine = fingerprints[i * FINGERPRINT_BYTES : (i + 1) * FINGERPRINT_BYTES]
+            theirs = applied.txn_at(first)
+            where = (
+                f"{describe_writer(batch.writer)} at partition {item.partition} "
+                f"offset {item.offset}"
+            )
+            if theirs is None or theirs[0] != last:
+                raise SplitBrainError(
+                    "two batches disagree on transaction boundaries at the same sequence",
+                    seqs=f"{first}..{last}",
+                    batch=where,
+                    other=self._describe_applied(applied),
+                )
+            if theirs[1] != mine:
                 raise SplitBrainError(
                     "two different batches claim the same sequences",
-                    seqs=f"{lo}..{hi}",
-                    batch=f"{describe_writer(batch.writer)} at partition "
-                    f"{item.partition} offset {item.offset}",
+                    seqs=f"{first}..{last}",
+                    batch=where,
                     other=self._describe_applied(applied),
                 )
 
@@ -394,21 +493,6 @@ def _insert_by_first_offset(items: deque[_Item], item: _Item) -> None:
     while i and items[i - 1].first_offset > item.first_offset:
         i -= 1
     items.insert(i, item)
-
-
-def _same_entries(a: Batch, b: Batch, lo: int, hi: int) -> bool:
-    """Whether ``a`` and ``b`` hold the same entries for sequences ``lo..hi``."""
-    a0, a1 = lo - a.first_seq, hi - a.first_seq + 1
-    b0, b1 = lo - b.first_seq, hi - b.first_seq + 1
-    return (
-        a.ops[a0:a1] == b.ops[b0:b1]
-        and _slice(a.keys, a0, a1) == _slice(b.keys, b0, b1)
-        and _slice(a.values, a0, a1) == _slice(b.values, b0, b1)
-    )
-
-
-def _slice(seq: Sequence[bytes], start: int, stop: int) -> list[bytes]:
-    return list(seq[start:stop])
 
 
 def retention_gap(

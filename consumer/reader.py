@@ -21,6 +21,17 @@ often an idle reader asks; librdkafka's mock cluster (the embedded dev cluster)
 holds every fetch for the full wait even when data arrives, so there it adds
 up to that much latency.
 
+Memory stays flat on any backlog: decoded batches waiting in the merger are
+bounded per partition (``partition_buffer_bytes_max``) and in total
+(``buffer_bytes_max``): over the total, the partitions ahead of the merge point
+are paused (all of them while what is buffered is ready to apply: applying
+drains it; during a gap all but those that may deliver the missing sequence)
+and resumed once the total has drained to half. A gap that outlasts the gap
+timeout resumes everything and lifts the total bound until it is filled, so a
+paused partition can never hold back the sequence the reader needs. aiokafka's
+own prefetch is bounded by ``fetch_bytes_max`` per fetch and
+``PARTITION_FETCH_BYTES_MAX`` per partition.
+
 A gap is awaited (``gap_timeout_ms``); if the log can no longer fill it
 (``retention_gap``), or a partition's offsets were deleted under us, the
 reader calls the bootstrap hook; without one it stops with an error naming the
@@ -49,7 +60,7 @@ from opentelemetry.metrics import CallbackOptions, Observation
 from opentelemetry.trace import Span, Status, StatusCode
 from walship.consumer.applier import Applier
 from walship.consumer.merge import Ready, SequenceMerger, Source, retention_gap
-from walship.shared.codec import Decoder, Header, PartAssembler, peek_header
+from walship.shared.codec import Decoder, Header, PartAssembler, partition_for, peek_header
 from walship.shared.dictionaries import learn_dictionaries
 from walship.shared.errors import (
     DecodeError,
@@ -72,6 +83,12 @@ APPLY_LINGER_MS_DEFAULT = 0
 FETCH_MAX_WAIT_MS_DEFAULT = 100
 GAP_TIMEOUT_MS_DEFAULT = 30_000
 PARTITION_BUFFER_BYTES_MAX_DEFAULT = 32 << 20
+BUFFER_BYTES_MAX_DEFAULT = 16 << 20
+# aiokafka holds up to one fetch response per partition before getmany asks for it
+# (its defaults: 50 MB per fetch, 1 MB per partition). A broker still returns a
+# first message larger than these, so they never block progress.
+FETCH_BYTES_MAX_DEFAULT = 8 << 20
+PARTITION_FETCH_BYTES_MAX = 1 << 20
 FETCH_RECORDS_MAX_DEFAULT = 1000
 POLL_TIMEOUT_MS_DEFAULT = 100
 # While an apply runs the loop polls Kafka this briefly, so it notices the end of
@@ -293,6 +310,8 @@ class Reader:
         apply_entries_max: int = APPLY_ENTRIES_MAX_DEFAULT,
         apply_linger_ms: int = APPLY_LINGER_MS_DEFAULT,
         partition_buffer_bytes_max: int = PARTITION_BUFFER_BYTES_MAX_DEFAULT,
+        buffer_bytes_max: int = BUFFER_BYTES_MAX_DEFAULT,
+        fetch_bytes_max: int = FETCH_BYTES_MAX_DEFAULT,
         fetch_records_max: int = FETCH_RECORDS_MAX_DEFAULT,
         poll_timeout_ms: int = POLL_TIMEOUT_MS_DEFAULT,
         fetch_max_wait_ms: int = FETCH_MAX_WAIT_MS_DEFAULT,
@@ -308,6 +327,8 @@ class Reader:
         self._apply_entries_max = apply_entries_max
         self._apply_linger_s = apply_linger_ms / 1000
         self._buffer_max = partition_buffer_bytes_max
+        self._total_buffer_max = buffer_bytes_max
+        self._fetch_bytes_max = fetch_bytes_max
         self._fetch_records_max = fetch_records_max
         self._poll_timeout_ms = poll_timeout_ms
 
@@ -316,7 +337,9 @@ class Reader:
         self._tps: list[TopicPartition] = []
         self._merger = SequenceMerger(0, 1)
         self._assemblers: dict[int, PartAssembler] = {}
-        self._paused: set[int] = set()
+        self._paused: set[int] = set()  # what the consumer has paused
+        self._paused_partition: set[int] = set()  # over partition_buffer_bytes_max
+        self._paused_total: set[int] = set()  # paused for buffer_bytes_max
 
         self._group: list[Batch] = []
         self._group_sources: list[Source] = []
@@ -362,7 +385,12 @@ class Reader:
             return
         description = await describe_topic(self._kwargs, self.topic)
         consumer = AIOKafkaConsumer(
-            **{"fetch_max_wait_ms": self._fetch_max_wait_ms, **self._kwargs},
+            **{
+                "fetch_max_wait_ms": self._fetch_max_wait_ms,
+                "fetch_max_bytes": self._fetch_bytes_max,
+                "max_partition_fetch_bytes": min(PARTITION_FETCH_BYTES_MAX, self._fetch_bytes_max),
+                **self._kwargs,
+            },
             group_id=self.group_id,
             enable_auto_commit=False,
             # Never jump silently: a deleted offset must surface (retention expired).
@@ -777,19 +805,55 @@ class Reader:
         self._uncommitted.clear()
 
     def _update_pauses(self) -> None:
-        """Pause partitions far ahead of the gap so memory stays flat."""
+        """Pause partitions so the merger's buffers stay flat (see the module docstring)."""
+        merger = self._merger
+        for p in range(len(self._tps)):
+            buffered = merger.buffered_bytes(p)
+            if buffered > self._buffer_max:
+                self._paused_partition.add(p)
+            elif buffered <= self._buffer_max // 2:
+                self._paused_partition.discard(p)
+        total = merger.buffered_bytes_total
+        if self._gap_overdue or total <= self._total_buffer_max // 2:
+            # An overdue gap lifts the total bound (only the partition bound stays):
+            # the missing seq may sit behind buffered data in any partition.
+            self._paused_total.clear()
+        elif total > self._total_buffer_max or self._paused_total:
+            # Recomputed while above half: a gap opening must unpause where it may fill.
+            self._paused_total = self._ahead_of_merge_point()
+        self._apply_pauses(self._paused_partition | self._paused_total)
+
+    def _ahead_of_merge_point(self) -> set[int]:
+        """The partitions to pause while the total buffer is over its bound."""
+        partitions = len(self._tps)
+        waiting = self._merger.waiting_for()
+        if waiting is None:
+            # The next seq is buffered: applying drains the buffers, fetch nothing more.
+            return set(range(partitions))
+        # A gap: keep fetching where the missing seq may come from: partitions with
+        # nothing buffered, the one it is routed to, and the one buffered least far ahead.
+        heads = self._merger.buffered_heads()
+        keep = {p for p in range(partitions) if p not in heads}
+        keep.add(partition_for(waiting, partitions))
+        if heads:
+            keep.add(min(heads, key=lambda p: heads[p]))
+        return set(range(partitions)) - keep
+
+    def _apply_pauses(self, want: set[int]) -> None:
+        if want == self._paused:
+            return
         consumer = self._require()
-        for tp in self._tps:
-            p = tp.partition
-            buffered = self._merger.buffered_bytes(p)
-            if p not in self._paused and buffered > self._buffer_max:
-                consumer.pause(tp)
-                self._paused.add(p)
-            elif p in self._paused and buffered <= self._buffer_max // 2:
-                consumer.resume(tp)
-                self._paused.discard(p)
+        pause = [tp for tp in self._tps if tp.partition in want - self._paused]
+        resume = [tp for tp in self._tps if tp.partition in self._paused - want]
+        if pause:
+            consumer.pause(*pause)
+        if resume:
+            consumer.resume(*resume)
+        self._paused = set(want)
 
     def _resume_all(self) -> None:
+        self._paused_partition.clear()
+        self._paused_total.clear()
         if self._paused:
             self._require().resume(*[tp for tp in self._tps if tp.partition in self._paused])
             self._paused.clear()

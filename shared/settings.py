@@ -400,6 +400,19 @@ class ConsumerSettings(BaseModel):
         "fetch.max.wait.ms). A Kafka broker answers as soon as data arrives, so this only sets "
         "how often an idle reader asks; the embedded dev cluster holds every fetch this long.",
     )
+    buffer_bytes_max: int = Field(
+        default=16 << 20,
+        ge=1 << 20,
+        description="Most bytes of decoded batches the reader holds ahead of its applies, over "
+        "all partitions: beyond it the partitions ahead of the merge point are paused until "
+        "half has drained (keeps RSS flat on any backlog).",
+    )
+    fetch_bytes_max: int = Field(
+        default=8 << 20,
+        ge=1 << 20,
+        description="Most bytes one fetch may return (Kafka fetch.max.bytes; aiokafka's default "
+        "is 50 MB). A first message larger than this is still returned.",
+    )
     ready_lag_seqs: int = Field(
         default=1000, ge=0, description="/readyz is ready when lag is at most this many sequences."
     )

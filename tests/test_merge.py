@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import random
+import tracemalloc
 from collections.abc import Sequence
 
 import pytest
@@ -268,6 +270,77 @@ def test_history_is_bounded() -> None:
     m.offer(0, 60, Batch.from_transactions(STREAM, make_txns([1], salt=b"?")))
     out, _ = m.take_ready(10)
     assert out == [] and m.duplicates == 1
+
+
+def test_history_is_bounded_by_transactions_too() -> None:
+    m = SequenceMerger(0, 1, history_txns_max=8)
+    m.offer(0, 0, Batch.from_transactions(STREAM, make_txns([1] * 20)))
+    m.take_ready(1000)
+    m.offer(0, 1, Batch.from_transactions(STREAM, make_txns([1] * 24)[20:]))
+    m.take_ready(1000)
+    assert m._history_txns <= 8
+
+
+def test_resend_cut_differently_matches_the_fingerprints() -> None:
+    txns = make_txns([3, 1, 2, 4, 2])
+    m = SequenceMerger(0, 2)
+    m.offer(0, 0, Batch.from_transactions(STREAM, txns))
+    m.take_ready(100)
+    for off, batch in enumerate(cut(STREAM, txns, [1, 3])):
+        m.offer(1, off, batch)
+    out, _ = m.take_ready(100)
+    assert out == [] and m.duplicates == 3
+
+
+@pytest.mark.parametrize("what", ["value", "key", "op", "timestamp"])
+def test_one_changed_transaction_inside_an_applied_batch_is_split_brain(what: str) -> None:
+    txns = make_txns([2, 3, 2])
+    t = txns[1]
+    if what == "value":
+        changed = dataclasses.replace(t, values=[t.values[0], t.values[1] + b"!", t.values[2]])
+    elif what == "key":
+        changed = dataclasses.replace(t, keys=[t.keys[0], t.keys[1], t.keys[2] + b"!"])
+    elif what == "op":
+        changed = dataclasses.replace(t, ops=bytes(1 - o for o in t.ops))
+    else:
+        changed = dataclasses.replace(t, timestamp_us=t.timestamp_us + 1)
+    m = SequenceMerger(0, 2)
+    m.offer(0, 4, Batch.from_transactions(STREAM, txns))
+    m.take_ready(100)
+    m.offer(1, 8, Batch.from_transactions(WriterId(STREAM.stream_id, 2), [changed]))
+    with pytest.raises(SplitBrainError) as info:
+        m.take_ready(100)
+    text = str(info.value)
+    assert "3..5" in text and "partition 0 offset 4" in text and "partition 1 offset 8" in text
+
+
+def test_duplicate_with_other_transaction_boundaries_is_split_brain() -> None:
+    m = SequenceMerger(0, 2)
+    m.offer(0, 0, Batch.from_transactions(STREAM, make_txns([2, 2, 2])))
+    m.take_ready(100)  # applied 6
+    m.offer(1, 0, Batch.from_transactions(STREAM, make_txns([3, 3])))  # same entries
+    with pytest.raises(SplitBrainError, match="transaction boundaries"):
+        m.take_ready(100)
+
+
+def test_history_of_a_million_sequences_is_compact_and_still_compares() -> None:
+    txns = make_txns([10] * 100_000)
+    batches = [Batch.from_transactions(STREAM, txns[i : i + 1000]) for i in range(0, 100_000, 1000)]
+    m = SequenceMerger(0, 1)
+    tracemalloc.start()
+    try:
+        for off, b in enumerate(batches):
+            m.offer(0, off, b)
+            m.take_ready(1_000_000)
+        held, _ = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert m.applied_seq == 1_000_000 and m._history_entries == 1_000_000
+    # Whole batches kept 1M keys and values (~130 MB here); fingerprints ~3 MB.
+    assert held < 6 << 20, held
+    m.offer(0, 200, Batch.from_transactions(STREAM, make_txns([10], salt=b"!")))
+    with pytest.raises(SplitBrainError, match=r"1\.\.10"):
+        m.take_ready(100)
 
 
 # --- exhaustive: any cuts, partitions, resends and interleavings --------------

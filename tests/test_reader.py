@@ -516,3 +516,32 @@ async def test_a_caught_up_reader_applies_new_data_without_lingering(
     delays.sort()
     # fetch_max_wait_ms=20 and no apply linger: well under the old 100 ms linger + 500 ms wait.
     assert delays[len(delays) // 2] < 0.1, delays
+
+
+async def test_total_buffer_bound_pauses_ahead_yet_a_gap_still_fills(
+    kafka_bootstrap: str, new_topic: Callable[..., str], tmp_path: Path
+) -> None:
+    """Over ``buffer_bytes_max`` the partitions ahead are paused, but never those that
+    may deliver the missing seq: the gap fills long before the gap timeout."""
+    topic = new_topic(3)
+    writer = new_writer()
+    txns = make_txns(1, 300, seed=11)
+    await publish(kafka_bootstrap, topic, 3, writer, txns[100:])  # beyond a gap
+    applier = DictApplier()
+    reader = Reader(
+        applier,
+        topic=topic,
+        reader_id="bounded",
+        client_kwargs={"bootstrap_servers": kafka_bootstrap},
+        buffer_bytes_max=1,  # always over: pauses on every step
+        gap_timeout_ms=600_000,  # no resume-everything: the bound itself must let it fill
+    )
+    async with reader:
+        run = asyncio.create_task(reader.run(until_seq=txns[-1].last_seq))
+        deadline = asyncio.get_running_loop().time() + 30
+        while reader.status().waiting_for != 1:
+            assert asyncio.get_running_loop().time() < deadline, reader.status()
+            await asyncio.sleep(0.05)
+        await publish(kafka_bootstrap, topic, 3, writer, txns[:100])
+        await asyncio.wait_for(run, 60)
+    assert applier.digest() == reference_digest(tmp_path / "ref.db", writer, txns)
