@@ -9,7 +9,7 @@ import logging
 import signal
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 from rich.console import Console, Group
@@ -25,6 +25,10 @@ from walship.shared.cli.options import (
 )
 from walship.shared.errors import ConfigError, WalshipError
 from walship.shared.settings import WalshipSettings
+
+if TYPE_CHECKING:
+    from walship.consumer.applier import SqliteApplier
+    from walship.consumer.reader import Reader
 
 log = logging.getLogger(__name__)
 
@@ -62,29 +66,140 @@ def run_cmd(until_seq: int | None, until_caught_up: bool, **flags: Any) -> None:
     asyncio.run(run_reader(settings, until_seq=until_seq, until_caught_up=until_caught_up))
 
 
+RETRY_BACKOFF_S_MIN = 0.5
+RETRY_BACKOFF_S_MAX = 30.0
+
+
+class Backoff:
+    """Capped exponential delays: ``min_s``, twice that, ... up to ``max_s`` (pure)."""
+
+    def __init__(self, min_s: float = RETRY_BACKOFF_S_MIN, max_s: float = RETRY_BACKOFF_S_MAX):
+        self._min_s = min_s
+        self._max_s = max_s
+        self._next_s = min_s
+
+    def next_delay_s(self) -> float:
+        delay = self._next_s
+        self._next_s = min(self._max_s, self._next_s * 2)
+        return delay
+
+    def reset(self) -> None:
+        self._next_s = self._min_s
+
+
 async def run_reader(
     settings: WalshipSettings, *, until_seq: int | None = None, until_caught_up: bool = False
 ) -> None:
-    """Run one reader with heartbeats, health endpoints and bootstrap as configured."""
+    """Run one reader with heartbeats, health endpoints and bootstrap as configured.
+
+    A service waits out Kafka: start-up and the run are retried on errors flagged
+    ``retriable`` (Kafka unreachable, say), with capped exponential backoff, until
+    they succeed or SIGTERM/SIGINT arrives; every retry is logged once with its
+    reason. Each attempt resumes from the replica's checkpoint. Other errors end
+    the reader (exit 1 with their message).
+    """
     from walship.consumer.applier import SqliteApplier
-    from walship.consumer.heartbeat import HeartbeatPublisher
-    from walship.consumer.reader import BootstrapHook, Reader
-    from walship.shared.kafka import client_kwargs
     from walship.shared.telemetry import setup_telemetry
 
     cfg = settings.consumer
     telemetry = setup_telemetry(
         f"{settings.telemetry.service_name}-reader", instance_id=cfg.reader_id
     )
-    topic = settings.topic.name
-    kwargs = client_kwargs(settings.kafka)
     data_dir = Path(settings.data_dir)
     try:
         await asyncio.to_thread(data_dir.mkdir, parents=True, exist_ok=True)
     except OSError as exc:
         raise ConfigError(f"cannot create the data dir: {exc}", path=str(data_dir)) from exc
     applier = SqliteApplier(data_dir / "state.db", synchronous=cfg.replica_synchronous)
+    attempt = _Attempt(settings, applier, until_seq=until_seq, until_caught_up=until_caught_up)
+    stopping = asyncio.Event()
+
+    def on_signal() -> None:
+        stopping.set()
+        attempt.request_stop()
+
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, on_signal)
+    backoff = Backoff()
     try:
+        while not stopping.is_set():
+            try:
+                await _until_stopped(attempt, stopping)
+                break
+            except WalshipError as exc:
+                if not exc.retriable or stopping.is_set():
+                    raise
+                if attempt.started:
+                    backoff.reset()  # it ran: start the backoff over
+                delay = backoff.next_delay_s()
+                log.warning(
+                    "reader %s: %s; retrying in %.1f s (retriable)", cfg.reader_id, exc, delay
+                )
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stopping.wait(), delay)
+        log.info("reader %s stopped at seq %d", cfg.reader_id, attempt.applied_seq)
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+        applier.close()
+        telemetry.flush()
+
+
+async def _until_stopped(attempt: _Attempt, stopping: asyncio.Event) -> None:
+    """Run one attempt; a stop request before the reader has started cancels it (a
+    start-up waiting on Kafka has nothing to finish), after that it ends the run
+    after the current apply."""
+    task = asyncio.create_task(attempt.run(), name="walship-reader-attempt")
+    stop_wait = asyncio.create_task(stopping.wait())
+    try:
+        await asyncio.wait({task, stop_wait}, return_when=asyncio.FIRST_COMPLETED)
+        if not task.done() and not attempt.started:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            return
+        await task
+    finally:
+        stop_wait.cancel()
+        if not task.done():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+
+class _Attempt:
+    """One start-and-run of the reader with its heartbeat, snapshots and health server."""
+
+    def __init__(
+        self,
+        settings: WalshipSettings,
+        applier: SqliteApplier,
+        *,
+        until_seq: int | None,
+        until_caught_up: bool,
+    ) -> None:
+        self._settings = settings
+        self._applier = applier
+        self._until_seq = until_seq
+        self._until_caught_up = until_caught_up
+        self._reader: Reader | None = None
+        self.started = False
+        self.applied_seq = 0
+
+    def request_stop(self) -> None:
+        if self._reader is not None:
+            self._reader.request_stop()
+
+    async def run(self) -> None:
+        from walship.consumer.reader import BootstrapHook, Reader
+        from walship.shared.kafka import client_kwargs
+
+        settings, applier = self._settings, self._applier
+        cfg = settings.consumer
+        topic = settings.topic.name
+        kwargs = client_kwargs(settings.kafka)
+        self.started = False
         hook: BootstrapHook | None = None
         if settings.snapshot_url and cfg.bootstrap_policy != "never":
             from walship.consumer.bootstrap import Bootstrapper, kafka_log_inspector
@@ -110,52 +225,62 @@ async def run_reader(
             apply_entries_max=cfg.apply_entries_max,
             apply_linger_ms=cfg.apply_linger_ms,
             fetch_max_wait_ms=cfg.fetch_max_wait_ms,
+            buffer_bytes_max=cfg.buffer_bytes_max,
+            fetch_bytes_max=cfg.fetch_bytes_max,
         )
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, reader.request_stop)
-        async with reader:
-            heartbeat = HeartbeatPublisher(
-                reader.status,
-                topic=topic,
-                client_kwargs=kwargs,
-                interval_ms=cfg.heartbeat_interval_ms,
-                offsets=reader.stored_offsets,
-            )
-            async with contextlib.AsyncExitStack() as stack:
-                await stack.enter_async_context(heartbeat)
-                if settings.snapshot_url and cfg.snapshot_every_seqs is not None:
-                    from walship.shared.snapshot import open_store
-                    from walship.shared.snapshot.create import SchedulePolicy, SnapshotScheduler
+        self._reader = reader
+        try:
+            async with reader:
+                self.started = True
+                await self._serve(reader, kwargs)
+        finally:
+            self.applied_seq = max(self.applied_seq, reader.applied_seq)
+            self._reader = None
 
-                    # Replica snapshots: every N sequences applied, no timer.
-                    scheduler = SnapshotScheduler.for_replica(
-                        data_dir / "state.db",
-                        open_store(settings.snapshot_url, kwargs),
-                        topic=topic,
-                        partitions=settings.topic.partitions,
-                        policy=SchedulePolicy(
-                            every_seqs=cfg.snapshot_every_seqs,
-                            every_s=None,
-                            keep=settings.snapshot_keep,
-                        ),
-                    )
-                    await stack.enter_async_context(scheduler)
-                if cfg.http_port is not None:
-                    from walship.shared.health import HealthServer
+    async def _serve(self, reader: Reader, kwargs: dict[str, Any]) -> None:
+        from walship.consumer.heartbeat import HeartbeatPublisher
 
-                    await stack.enter_async_context(
-                        HealthServer(
-                            cfg.http_port,
-                            health=reader.healthy,
-                            ready=lambda: reader.ready(cfg.ready_lag_seqs),
-                        )
+        settings = self._settings
+        cfg = settings.consumer
+        topic = settings.topic.name
+        data_dir = Path(settings.data_dir)
+        heartbeat = HeartbeatPublisher(
+            reader.status,
+            topic=topic,
+            client_kwargs=kwargs,
+            interval_ms=cfg.heartbeat_interval_ms,
+            offsets=reader.stored_offsets,
+        )
+        async with contextlib.AsyncExitStack() as stack:
+            await stack.enter_async_context(heartbeat)
+            if settings.snapshot_url and cfg.snapshot_every_seqs is not None:
+                from walship.shared.snapshot import open_store
+                from walship.shared.snapshot.create import SchedulePolicy, SnapshotScheduler
+
+                # Replica snapshots: every N sequences applied, no timer.
+                scheduler = SnapshotScheduler.for_replica(
+                    data_dir / "state.db",
+                    open_store(settings.snapshot_url, kwargs),
+                    topic=topic,
+                    partitions=settings.topic.partitions,
+                    policy=SchedulePolicy(
+                        every_seqs=cfg.snapshot_every_seqs,
+                        every_s=None,
+                        keep=settings.snapshot_keep,
+                    ),
+                )
+                await stack.enter_async_context(scheduler)
+            if cfg.http_port is not None:
+                from walship.shared.health import HealthServer
+
+                await stack.enter_async_context(
+                    HealthServer(
+                        cfg.http_port,
+                        health=reader.healthy,
+                        ready=lambda: reader.ready(cfg.ready_lag_seqs),
                     )
-                await reader.run(until_seq=until_seq, until_caught_up=until_caught_up)
-        log.info("reader %s stopped at seq %d", cfg.reader_id, reader.applied_seq)
-    finally:
-        applier.close()
-        telemetry.flush()
+                )
+            await reader.run(until_seq=self._until_seq, until_caught_up=self._until_caught_up)
 
 
 # --- status ---------------------------------------------------------------------
