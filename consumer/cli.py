@@ -193,6 +193,7 @@ class _Attempt:
 
     async def run(self) -> None:
         from walship.consumer.reader import BootstrapHook, Reader
+        from walship.shared.codec import Decoder
         from walship.shared.kafka import client_kwargs
 
         settings, applier = self._settings, self._applier
@@ -212,6 +213,7 @@ class _Attempt:
                 inspect_log=kafka_log_inspector(topic, kwargs),
                 policy=cfg.bootstrap_policy,
                 synchronous=cfg.replica_synchronous,
+                keyring=settings.keyring(),
             )
             await bootstrapper.prepare()
             hook = bootstrapper
@@ -221,6 +223,7 @@ class _Attempt:
             reader_id=cfg.reader_id,
             client_kwargs=kwargs,
             bootstrap=hook,
+            decoder=Decoder(keyring=settings.keyring()),
             gap_timeout_ms=cfg.gap_timeout_ms,
             apply_entries_max=cfg.apply_entries_max,
             apply_linger_ms=cfg.apply_linger_ms,
@@ -268,6 +271,7 @@ class _Attempt:
                         every_s=None,
                         keep=settings.snapshot_keep,
                     ),
+                    keyring=settings.keyring(),
                 )
                 await stack.enter_async_context(scheduler)
             if cfg.http_port is not None:

@@ -7,6 +7,7 @@ import base64
 import contextlib
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -454,3 +455,75 @@ async def test_encrypted_snapshot_bootstrap_resumes_and_verify_needs_the_key(
     assert digest_file(tmp_path / "replica.db") == expected
     # Without first keys in the manifest, only the chunk committed at the crash is reloaded.
     assert loads == Counter({**dict.fromkeys(range(10), 1), 3: 2, 7: 2})
+
+
+@pytest.mark.kafka
+def test_cli_processes_replicate_an_encrypted_stream(
+    tmp_path: Path, kafka_bootstrap: str, new_topic: Callable[..., str]
+) -> None:
+    """writer load, producer run and consumer run as processes, keys from the environment:
+    the keyed reader equals the writer; a reader without the keys exits 1, naming the key."""
+    import subprocess
+    import sys
+
+    from walship.shared.store import digest_file
+
+    topic = new_topic(3)
+    key = base64.b64encode(os.urandom(32)).decode()
+    base_env = {k: v for k, v in os.environ.items() if not k.startswith("WALSHIP_")}
+    base_env.update(
+        WALSHIP_KAFKA__BOOTSTRAP_SERVERS=kafka_bootstrap,
+        WALSHIP_TOPIC__NAME=topic,
+        WALSHIP_TOPIC__PARTITIONS="3",
+    )
+    keyed = {
+        **base_env,
+        "WALSHIP_ENCRYPTION_KEYS": json.dumps({"7": key}),
+        "WALSHIP_ENCRYPTION_KEY_ID": "7",
+    }
+
+    def walship(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "walship.shared.cli.main", *args],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+
+    w = tmp_path / "w"
+    for args in (
+        ("writer", "load", "--data-dir", str(w), "--entries", "2000", "--keys", "300"),
+        ("producer", "run", "--data-dir", str(w), "--until-caught-up"),
+    ):
+        done = walship(keyed, *args)
+        assert done.returncode == 0, done.stderr
+    done = walship(
+        keyed,
+        "consumer",
+        "run",
+        "--data-dir",
+        str(tmp_path / "r"),
+        "--reader-id",
+        "keyed",
+        "--until-seq",
+        "2000",
+    )
+    assert done.returncode == 0, done.stderr
+    assert digest_file(tmp_path / "r" / "state.db") == digest_file(w / "state.db")
+
+    done = walship(
+        base_env,
+        "consumer",
+        "run",
+        "--data-dir",
+        str(tmp_path / "nokey"),
+        "--reader-id",
+        "nokey",
+        "--until-seq",
+        "2000",
+    )
+    assert done.returncode == 1
+    assert "encrypted with key 7" in done.stderr and key not in done.stderr
+    assert digest_file(tmp_path / "nokey" / "state.db").seq == 0
