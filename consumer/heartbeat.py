@@ -18,7 +18,6 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from importlib.metadata import PackageNotFoundError, version
-from types import TracebackType
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
@@ -26,6 +25,7 @@ from aiokafka.errors import KafkaError
 from walship.consumer.reader import ReaderStatus
 from walship.shared.errors import KafkaOperationError
 from walship.shared.kafka import describe_topic, ensure_side_topic, translate_kafka_error
+from walship.shared.lifecycle import AsyncService
 
 log = logging.getLogger(__name__)
 
@@ -120,7 +120,7 @@ async def ensure_readers_topic(client_kwargs: Mapping[str, Any], topic: str) -> 
     await ensure_side_topic(client_kwargs, readers_topic(topic))
 
 
-class HeartbeatPublisher:
+class HeartbeatPublisher(AsyncService):
     """Publishes a reader's status every ``interval_ms`` (and once more on stop)."""
 
     def __init__(
@@ -171,15 +171,6 @@ class HeartbeatPublisher:
         await self.publish_now(running=False)
         self._producer = None
         await producer.stop()
-
-    async def __aenter__(self) -> HeartbeatPublisher:
-        await self.start()
-        return self
-
-    async def __aexit__(
-        self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        await self.stop()
 
     async def publish_now(self, *, running: bool = True) -> None:
         producer = self._producer

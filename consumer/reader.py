@@ -50,7 +50,6 @@ import time
 import weakref
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from types import TracebackType
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
@@ -69,6 +68,7 @@ from walship.shared.errors import (
     WalshipError,
 )
 from walship.shared.kafka import describe_topic, translate_kafka_error
+from walship.shared.lifecycle import AsyncService
 from walship.shared.model import Batch, WriterId
 from walship.shared.store import Checkpoint
 from walship.shared.telemetry import context_from_traceparent
@@ -183,7 +183,7 @@ def _headers_traceparent(headers: Sequence[tuple[str, bytes]] | None) -> str | N
     return None
 
 
-class LogProbe:
+class LogProbe(AsyncService):
     """Reads single message headers at chosen offsets (no consumer group)."""
 
     def __init__(
@@ -218,15 +218,6 @@ class LogProbe:
         consumer, self._consumer = self._consumer, None
         if consumer is not None:
             await consumer.stop()
-
-    async def __aenter__(self) -> LogProbe:
-        await self.start()
-        return self
-
-    async def __aexit__(
-        self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        await self.stop()
 
     def _require(self) -> AIOKafkaConsumer:
         if self._consumer is None:
@@ -294,7 +285,7 @@ class LogProbe:
         return out
 
 
-class Reader:
+class Reader(AsyncService):
     """Keeps one replica up to date with the topic; see the module docstring."""
 
     def __init__(
@@ -439,15 +430,6 @@ class Reader:
         if consumer is not None:
             await consumer.stop()
         await self._probe.stop()
-
-    async def __aenter__(self) -> Reader:
-        await self.start()
-        return self
-
-    async def __aexit__(
-        self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        await self.stop()
 
     def request_stop(self) -> None:
         """Ask ``run`` to return after the current apply (SIGTERM handler)."""

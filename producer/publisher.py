@@ -45,7 +45,6 @@ import weakref
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from functools import partial
 from pathlib import Path
-from types import TracebackType
 from typing import Any
 
 from aiokafka import AIOKafkaProducer
@@ -83,6 +82,7 @@ from walship.shared.kafka import (
     kafka_errors,
     translate_kafka_error,
 )
+from walship.shared.lifecycle import AsyncService
 from walship.shared.model import Transaction, WriterId
 
 log = logging.getLogger(__name__)
@@ -166,7 +166,7 @@ class _ByteBudget:
         self._wake.set()
 
 
-class Publisher:
+class Publisher(AsyncService):
     """Ships the WAL in ``data_dir`` to ``topic``; see the module docstring.
 
     ``producer_kwargs`` are aiokafka client settings (bootstrap servers, TLS,
@@ -483,15 +483,6 @@ class Publisher:
         if self._producer is None:
             return False, self._last_error or "not connected to Kafka"
         return True, f"published through seq {self.acked_seq}, backlog {self.backlog}"
-
-    async def __aenter__(self) -> Publisher:
-        await self.start()
-        return self
-
-    async def __aexit__(
-        self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        await self.stop()
 
     # -- state -----------------------------------------------------------------
 

@@ -44,6 +44,7 @@ from walship.shared.errors import (
     WalshipError,
     translate_os_error,
 )
+from walship.shared.lifecycle import AsyncService
 from walship.shared.model import Op, Transaction
 
 MARKER_NAME = "durable"
@@ -143,7 +144,7 @@ def _validate(
     return bytes(ops), keys, values
 
 
-class WalWriter:
+class WalWriter(AsyncService):
     """Async appender with group commit. One per WAL directory (an flock enforces it)."""
 
     def __init__(
@@ -195,13 +196,6 @@ class WalWriter:
         self._stopping = False
 
     # --- lifecycle --------------------------------------------------------
-
-    async def __aenter__(self) -> WalWriter:
-        await self.start()
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.stop()
 
     async def start(self) -> None:
         if self._started:

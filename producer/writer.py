@@ -37,6 +37,7 @@ from opentelemetry import trace
 from walship.producer.identity import WriterIdentity
 from walship.producer.wal import FsyncPolicy, WalReader, WalWriter
 from walship.shared.errors import WalError, WalshipError
+from walship.shared.lifecycle import AsyncService
 from walship.shared.model import Batch, Op, Transaction, WriterId
 from walship.shared.store import ReplicaStore
 from walship.shared.telemetry import context_from_traceparent, traceparent_of_current
@@ -154,7 +155,7 @@ class _StateApplier:
             self._on_change()
 
 
-class Writer:
+class Writer(AsyncService):
     def __init__(
         self,
         data_dir: Path,
@@ -264,13 +265,6 @@ class Writer:
             else:
                 keep.append((target, fut))
         self._waiters = keep
-
-    async def __aenter__(self) -> Writer:
-        await self.start()
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.stop()
 
     async def start(self) -> None:
         if self._wal is not None:

@@ -18,10 +18,10 @@ import contextlib
 import json
 import logging
 from collections.abc import Callable
-from types import TracebackType
 
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, generate_latest
 from walship.shared.errors import ConfigError
+from walship.shared.lifecycle import AsyncService
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +44,7 @@ def _always_ok() -> tuple[bool, str]:
     return True, "ok"
 
 
-class HealthServer:
+class HealthServer(AsyncService):
     """Serve /healthz, /readyz and /metrics; ``port=0`` picks a free port (see ``.port``)."""
 
     def __init__(
@@ -91,15 +91,6 @@ class HealthServer:
             return
         server.close()
         await server.wait_closed()
-
-    async def __aenter__(self) -> HealthServer:
-        await self.start()
-        return self
-
-    async def __aexit__(
-        self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        await self.stop()
 
     # -- request handling ---------------------------------------------------------
 

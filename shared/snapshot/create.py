@@ -17,6 +17,7 @@ from pathlib import Path
 
 from walship.shared.crypto import Keyring
 from walship.shared.errors import SnapshotError, WalshipError
+from walship.shared.lifecycle import AsyncService
 from walship.shared.model import WriterId
 from walship.shared.snapshot.base import SnapshotStore
 from walship.shared.snapshot.format import (
@@ -325,7 +326,7 @@ class SchedulePolicy:
         return self.every_s is not None and now_s - last_s >= self.every_s
 
 
-class SnapshotScheduler:
+class SnapshotScheduler(AsyncService):
     """Takes snapshots periodically beside a running writer or reader.
 
     ``make`` creates one snapshot (``create_from_data_dir`` for the writer's
@@ -447,10 +448,3 @@ class SnapshotScheduler:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-
-    async def __aenter__(self) -> SnapshotScheduler:
-        await self.start()
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.stop()
