@@ -82,7 +82,15 @@ class LogProgress(_Base):
     def start(self, total_bytes: int | None, total_keys: int | None) -> None:
         super().start(total_bytes, total_keys)
         self._last = time.monotonic()
-        log.info("%s: starting (%s keys, %s bytes)", self.operation, total_keys, total_bytes)
+        if total_keys is None and total_bytes is None:
+            log.info("%s: starting", self.operation)
+        else:
+            log.info(
+                "%s: starting (%s keys, %s bytes)",
+                self.operation,
+                "?" if total_keys is None else total_keys,
+                "?" if total_bytes is None else total_bytes,
+            )
 
     def advance(self, *, done_bytes: int, keys: int) -> None:
         super().advance(done_bytes=done_bytes, keys=keys)
@@ -95,17 +103,20 @@ class LogProgress(_Base):
         self._line("done")
 
     def _line(self, what: str) -> None:
+        # Unknown totals (a snapshot being created) show as plain counts, no ETA.
+        keys = f"{self.keys}" + (f"/{self.total_keys}" if self.total_keys is not None else "")
+        done = f"{self.done_bytes}" + (
+            f"/{self.total_bytes}" if self.total_bytes is not None else ""
+        )
         eta = self.eta_s()
         log.info(
-            "%s %s: %d/%s keys, %d/%s bytes, %.0f keys/s, ETA %s",
+            "%s %s: %s keys, %s bytes, %.0f keys/s%s",
             self.operation,
             what,
-            self.keys,
-            self.total_keys if self.total_keys is not None else "?",
-            self.done_bytes,
-            self.total_bytes if self.total_bytes is not None else "?",
+            keys,
+            done,
             self.rate_keys_s(),
-            f"{eta:.0f}s" if eta is not None else "?",
+            f", ETA {eta:.0f}s" if eta is not None and what != "done" else "",
         )
 
 
