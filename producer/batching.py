@@ -22,11 +22,8 @@ ENTRY_OVERHEAD_BYTES = 8
 
 def txn_size_bytes(txn: Transaction) -> int:
     """Approximate uncompressed size of a transaction in a batch body."""
-    return (
-        sum(len(k) for k in txn.keys)
-        + sum(len(v) for v in txn.values)
-        + ENTRY_OVERHEAD_BYTES * len(txn.keys)
-    )
+    keys = txn.keys
+    return sum(map(len, keys)) + sum(map(len, txn.values)) + ENTRY_OVERHEAD_BYTES * len(keys)
 
 
 @dataclass
@@ -95,13 +92,14 @@ class BatchAccumulator:
             raise ValueError(
                 f"transactions must be dense: expected seq {self._next_seq}, got {txn.first_seq}"
             )
-        if not self.fits(txn):
+        size = txn_size_bytes(txn)
+        if not (self.empty or self._pending.size_bytes + size <= self.batch_bytes_max):
             raise ValueError("transaction does not fit; take() the batch first")
         if self.empty:
             self._pending.started_ms = now_ms
         self._pending.txns.append(txn)
         self._pending.traceparents.append(traceparent)
-        self._pending.size_bytes += txn_size_bytes(txn)
+        self._pending.size_bytes += size
         self._next_seq = txn.last_seq + 1
 
     def full(self) -> bool:
