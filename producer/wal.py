@@ -127,6 +127,40 @@ def _validate(
     """Refuse what the codec would refuse, before a sequence is assigned (caller bugs)."""
     if not ops_keys_values:
         raise ValueError("an append needs at least one entry")
+    # Fast path, column-wise in C: returns only what the loop below accepts
+    # (plain bytes, ops 0/1, deletes without a value); anything else takes the
+    # loop, which accepts or refuses it exactly as before.
+    if not isinstance(ops_keys_values, (list, tuple)):
+        ops_keys_values = list(ops_keys_values)  # the loop may need a second pass
+    try:
+        op_col, key_col, value_col = zip(*ops_keys_values, strict=True)
+        ops_bytes = bytes(op_col)
+    except (TypeError, ValueError):
+        pass
+    else:
+        if (
+            not ops_bytes.translate(None, b"\x00\x01")
+            and {*map(type, key_col), *map(type, value_col)} == {bytes}
+            and not any(value_col[i] for i in _positions(ops_bytes, b"\x01"))
+        ):
+            return ops_bytes, list(key_col), list(value_col)
+    return _validate_entries(ops_keys_values)
+
+
+def _positions(data: bytes, byte: bytes) -> list[int]:
+    """Indexes of ``byte`` in ``data``."""
+    out: list[int] = []
+    i = data.find(byte)
+    while i >= 0:
+        out.append(i)
+        i = data.find(byte, i + 1)
+    return out
+
+
+def _validate_entries(
+    ops_keys_values: Sequence[tuple[Op, bytes, bytes]],
+) -> tuple[bytes, list[bytes], list[bytes]]:
+    """_validate, entry by entry (any input)."""
     ops = bytearray()
     keys: list[bytes] = []
     values: list[bytes] = []

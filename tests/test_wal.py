@@ -321,6 +321,53 @@ async def test_invalid_appends_are_refused_before_a_seq_is_used(tmp_path: Path) 
         await w.append(entries("late"))
 
 
+class _Bytes(bytes):
+    pass
+
+
+def _validated(entries: Any) -> tuple[Any, ...]:
+    try:
+        ops, keys, values = wal_mod._validate(entries)
+    except (TypeError, ValueError) as exc:
+        return (type(exc).__name__, str(exc))
+    return (ops, keys, values, [type(x) for x in [*keys, *values]])
+
+
+@pytest.mark.parametrize(
+    "entries",
+    [
+        [(Op.PUT, b"k", b"v"), (Op.DELETE, b"k", b"")],
+        [(0, b"k", b"v"), (True, b"k", b""), (1.0, b"j", b"")],
+        [(Op.DELETE, b"k", b"v")],
+        [(Op.PUT, b"k", b"v")] * 4 + [(Op.DELETE, b"k", b"x")],
+        [(2, b"k", b"v")],
+        [(-1, b"k", b"v")],
+        [("x", b"k", b"v")],
+        [(0, "k", b"v")],
+        [(0, b"k", bytearray(b"v"))],
+        [(0, b"k", None)],
+        [(0, _Bytes(b"k"), b"v"), (Op.DELETE, b"k", _Bytes(b""))],
+        [(Op.DELETE, b"k", _Bytes(b"x"))],
+        [()],
+        [(0, b"k")],
+        [(0, b"k", b"v", 1)],
+        [(0, b"k", b"v"), (0, b"k")],
+        [b"abc"],
+        [None],
+    ],
+)
+def test_validate_fast_path_accepts_and_refuses_like_the_entry_loop(entries: Any) -> None:
+    expected: tuple[Any, ...]
+    try:
+        ops, keys, values = wal_mod._validate_entries(entries)
+    except (TypeError, ValueError) as exc:
+        expected = (type(exc).__name__, str(exc))
+    else:
+        expected = (ops, keys, values, [type(x) for x in [*keys, *values]])
+    assert _validated(entries) == expected
+    assert _validated(iter(entries)) == expected
+
+
 async def test_reader_never_returns_records_beyond_the_acknowledged_marker(tmp_path: Path) -> None:
     async with WalWriter(tmp_path) as w:
         await w.append(entries("a"))
