@@ -114,30 +114,35 @@ async def run_load(
     if rate_per_s is not None and rate_per_s <= 0:
         raise ValueError("rate_per_s must be > 0")
     rng = random.Random(seed)
-    pace = asyncio.Lock()
+    slots = asyncio.Semaphore(concurrency)
+    tasks: set[asyncio.Task[Transaction]] = set()
     failures: list[BaseException] = []
     first_seq = 0
     last_seq = 0
     done = 0
     txns = 0
-    generated = 0
     start = time.monotonic()
 
-    async def appender() -> None:
-        # One of ``concurrency`` coroutines, each with one append in flight (no
-        # task per append). Generating a transaction and queueing its append
-        # happen in one step, with no await between them (append queues before
-        # its first await), so sequences follow generation order.
-        nonlocal first_seq, last_seq, done, txns, generated
+    def finished(task: asyncio.Task[Transaction]) -> None:
+        nonlocal first_seq, last_seq, done
+        tasks.discard(task)
+        slots.release()
+        if task.cancelled():
+            return
+        exc = task.exception()
+        if exc is not None:
+            failures.append(exc)
+            return
+        txn = task.result()
+        first_seq = txn.first_seq if first_seq == 0 else min(first_seq, txn.first_seq)
+        last_seq = max(last_seq, txn.last_seq)
+        done += len(txn)
+        if progress is not None:
+            progress(done, entries)
+
+    generated = 0
+    try:
         while generated < entries and not failures:
-            if rate_per_s is not None:
-                async with pace:  # FIFO: one paced appender at a time
-                    delay = start + generated / rate_per_s - time.monotonic()
-                    if delay > 0:
-                        await asyncio.sleep(delay)
-                # Releasing the lock does not yield: nothing runs in between.
-                if generated >= entries or failures:
-                    return
             n = min(txn_entries, entries - generated)
             batch = generate_txn(
                 rng,
@@ -147,24 +152,24 @@ async def run_load(
                 delete_ratio=delete_ratio,
                 key_bytes=key_bytes,
             )
+            if rate_per_s is not None:
+                due = start + generated / rate_per_s
+                delay = due - time.monotonic()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+            await slots.acquire()
+            # The task's first step queues the append; tasks start in creation
+            # order, so sequences follow generation order.
+            task = asyncio.create_task(writer.append(batch))
+            tasks.add(task)
+            task.add_done_callback(finished)
             generated += n
             txns += 1
-            try:
-                txn = await writer.append(batch)
-            except Exception as exc:
-                failures.append(exc)
-                return
-            first_seq = txn.first_seq if first_seq == 0 else min(first_seq, txn.first_seq)
-            last_seq = max(last_seq, txn.last_seq)
-            done += len(txn)
-            if progress is not None:
-                progress(done, entries)
-
-    workers = min(concurrency, -(-entries // txn_entries))
-    if workers:
-        async with asyncio.TaskGroup() as group:
-            for _ in range(workers):
-                group.create_task(appender())
+        if tasks:
+            await asyncio.wait(set(tasks))
+    finally:
+        for t in list(tasks):
+            t.cancel()
     if failures:
         raise failures[0]
     return LoadResult(
