@@ -18,9 +18,9 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
-from walship.shared.errors import ReplicaError, StoreMismatchError
+from walship.shared.errors import ReplicaError
 from walship.shared.model import Batch, Op, WriterId
-from walship.shared.store import Checkpoint, Digest, ReplicaStore, digest_items
+from walship.shared.store import Checkpoint, Digest, ReplicaStore, check_applicable, digest_items
 
 _DELETE = int(Op.DELETE)
 _PUT = int(Op.PUT)
@@ -106,26 +106,10 @@ class DictApplier:
         if self._closed:
             raise ReplicaError("the replica is closed")
         cp = self._cp
-        if writer is not None and cp.writer is not None and writer.stream_id != cp.writer.stream_id:
-            raise StoreMismatchError(
-                "batches come from another stream than the replica holds",
-                store_stream=cp.writer.stream_id.hex(),
-                batch_stream=writer.stream_id.hex(),
-            )
+        applied_seq = check_applicable(cp, batches, writer, store="memory")
         staged: dict[bytes, bytes | None] = {}
-        expected = cp.applied_seq + 1
         timestamp_us = cp.applied_timestamp_us
         for b in batches:
-            if b.is_part:
-                raise ReplicaError(
-                    "cannot apply a part of a transaction; reassemble it first",
-                    first_seq=b.first_seq,
-                )
-            if b.first_seq != expected:
-                raise ReplicaError(
-                    f"batches not dense: expected seq {expected}, got {b.first_seq}",
-                    applied_seq=cp.applied_seq,
-                )
             for i, (op, key, value) in enumerate(zip(b.ops, b.keys, b.values, strict=True)):
                 if not isinstance(key, bytes) or not isinstance(value, bytes):
                     raise ReplicaError("keys and values must be bytes", seq=b.first_seq + i)
@@ -136,7 +120,6 @@ class DictApplier:
                 else:
                     raise ReplicaError(f"unknown op {op}", seq=b.first_seq + i)
             if b.entry_count:
-                expected = b.last_seq + 1
                 timestamp_us = b.txn_timestamps_us[-1]
         # Validated: commit (nothing below can fail).
         for key, staged_value in staged.items():
@@ -147,7 +130,7 @@ class DictApplier:
         merged = dict(cp.offsets)
         merged.update(offsets or {})
         self._cp = Checkpoint(
-            applied_seq=expected - 1,
+            applied_seq=applied_seq,
             offsets=merged,
             writer=writer if writer is not None else cp.writer,
             applied_timestamp_us=timestamp_us,

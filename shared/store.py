@@ -195,6 +195,40 @@ class _RowWriter:
             at += n
 
 
+def check_applicable(
+    cp: Checkpoint, batches: Sequence[Batch], writer: WriterId | None, **where: Any
+) -> int:
+    """Refuse what no store may apply after ``cp``; returns the applied seq after ``batches``.
+
+    Pure, shared by every store (SQLite, in memory): same stream, whole
+    transactions only, dense from ``cp.applied_seq + 1``. ``where`` names the store.
+    """
+    if writer is not None and cp.writer is not None and writer.stream_id != cp.writer.stream_id:
+        raise StoreMismatchError(
+            "batches come from another stream than the store holds",
+            **where,
+            store_stream=cp.writer.stream_id.hex(),
+            batch_stream=writer.stream_id.hex(),
+        )
+    expected = cp.applied_seq + 1
+    for b in batches:
+        if b.is_part:
+            raise ReplicaError(
+                "cannot apply a part of a transaction; reassemble it first",
+                **where,
+                first_seq=b.first_seq,
+                part=f"{b.part_index + 1}/{b.part_count}",
+            )
+        if b.first_seq != expected:
+            raise ReplicaError(
+                f"batches not dense: expected seq {expected}, got {b.first_seq}",
+                **where,
+                applied_seq=cp.applied_seq,
+            )
+        expected = b.last_seq + 1
+    return expected - 1
+
+
 class ReplicaStore:
     """A key-value store at a sequence, for the writer and for replicas.
 
@@ -385,29 +419,7 @@ class ReplicaStore:
         writer: WriterId | None,
     ) -> None:
         cp = _read_checkpoint(conn)
-        if writer is not None and cp.writer is not None and writer.stream_id != cp.writer.stream_id:
-            raise StoreMismatchError(
-                "batches come from another stream than the store holds",
-                path=str(self.path),
-                store_stream=cp.writer.stream_id.hex(),
-                batch_stream=writer.stream_id.hex(),
-            )
-        expected = cp.applied_seq + 1
-        for b in batches:
-            if b.is_part:
-                raise ReplicaError(
-                    "cannot apply a part of a transaction; reassemble it first",
-                    path=str(self.path),
-                    first_seq=b.first_seq,
-                    part=f"{b.part_index + 1}/{b.part_count}",
-                )
-            if b.first_seq != expected:
-                raise ReplicaError(
-                    f"batches not dense: expected seq {expected}, got {b.first_seq}",
-                    path=str(self.path),
-                    applied_seq=cp.applied_seq,
-                )
-            expected = b.last_seq + 1
+        expected = check_applicable(cp, batches, writer, path=str(self.path)) + 1
         nonempty = [b for b in batches if b.entry_count]
         if len(nonempty) == 1:
             ops, keys, values = nonempty[0].ops, nonempty[0].keys, nonempty[0].values
